@@ -1,0 +1,141 @@
+"""Putting adapters into a model: find the linear layers, wrap them, freeze everything else.
+
+QLoRA puts LoRA on every linear layer of the transformer blocks (QLoRA §4: "LoRA on all linear
+transformer block layers are required to match full finetuning performance"), not on lm_head.
+`add_lora` does that by default, or wraps the layers whose leaf names are listed (PEFT's
+`target_modules` semantics). It also prepares a quantized model for training the way PEFT's
+`prepare_model_for_kbit_training` does: everything frozen, norms in fp32, inputs of the first
+block requiring grad when gradient checkpointing is on.
+
+The LoRA settings are kept on the model as `model.lora_config` (a `LoraConfig`), which is what
+`save_adapter` writes as adapter_config.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fourbit.errors import UserError
+from fourbit.nn.linear4bit import Linear4bit
+from fourbit.nn.lora import LoraLinear
+
+log = logging.getLogger(__name__)
+LINEAR_TYPES = (nn.Linear, Linear4bit)
+
+
+@dataclass
+class LoraConfig:
+    """What adapter_config.json records (PEFT's field names)."""
+
+    r: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    base_model_name_or_path: str | None = None
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    """Names of lm_head-like modules (the output embedding), which QLoRA leaves alone."""
+    names = set()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if (out is not None and module is out) or name.split(".")[-1] in ("lm_head", "embed_out"):
+            names.add(name)
+    return names
+
+
+def find_linear_names(model: nn.Module, target: str | list[str] = "all-linear") -> list[str]:
+    """Full names of the linear modules to wrap; UserError listing what exists when nothing matches."""
+    skip = _output_embedding_names(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no linear layers (nn.Linear or Linear4bit) to put LoRA on")
+    if target == "all-linear":
+        return linears
+    targets = [target] if isinstance(target, str) else list(target)
+    chosen = [n for n in linears if n.split(".")[-1] in targets or n in targets]
+    leaf_names = sorted({n.split(".")[-1] for n in linears})
+    unmatched = [t for t in targets if not any(n.split(".")[-1] == t or n == t for n in linears)]
+    if unmatched:
+        raise UserError(f"LoRA target(s) {unmatched} match no linear layer; the model's linear layers are "
+                        f"named {leaf_names} (or pass target='all-linear')")
+    return chosen
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def is_norm(module: nn.Module) -> bool:
+    cls = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "RMSNorm" in cls or "LayerNorm" in cls
+
+
+def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
+    """Freeze every parameter, keep norms in fp32, and (optionally) turn on gradient checkpointing."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if is_norm(m):
+            m.float()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
+
+
+def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
+             target: str | list[str] = "all-linear", use_rslora: bool = False, gradient_checkpointing: bool = False,
+             adapter_dtype: torch.dtype = torch.float32, verbose: bool = True) -> nn.Module:
+    """Wrap the target linear layers with LoRA (in place), freeze the rest; returns the model."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"LoRA rank r must be a positive integer, got {r!r}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise UserError("this model already has LoRA adapters; load or merge them instead of adding a second set")
+    names = find_linear_names(model, target)
+    prepare_for_training(model, gradient_checkpointing)
+    for name in names:
+        _set_module(model, name, LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
+                                            use_rslora=use_rslora, adapter_dtype=adapter_dtype))
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    model.lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
+                                   target_modules=sorted({n.split(".")[-1] for n in names}),
+                                   base_model_name_or_path=base)
+    if verbose:
+        print(trainable_summary(model))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line: trainable parameters, all parameters (4-bit weights counted as parameters), percent."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
+    """Replace every LoraLinear by its merged base layer (in place); returns the model."""
+    for name, m in lora_modules(model).items():
+        _set_module(model, name, m.merge(dtype=dtype, requantize=requantize))
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model

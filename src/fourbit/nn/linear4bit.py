@@ -1,0 +1,171 @@
+"""`Linear4bit`: a frozen linear layer stored as packed 4-bit codes (bitsandbytes' format).
+
+One autograd.Function does the work (QLoRA §3, SPEC §5): forward dequantizes W to the input's
+dtype and computes x @ W^T + b; backward dequantizes W again and returns grad_y @ W. Only the
+packed codes and the QuantState are kept for backward, never a 16-bit copy of W, and W gets no
+gradient. Dequantization goes through `fourbit.quant.dequantize_4bit` (C kernel on CPU, Triton
+on CUDA, pure torch otherwise) into a scratch buffer shared by all Linear4bit layers of the same
+device and dtype, so a forward pass allocates one weight-sized buffer instead of one per layer.
+
+The module's state_dict uses bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`,
+..., see `fourbit.quant.state`), so `model.state_dict()` of a quantized model saves as a
+checkpoint that transformers + bitsandbytes loads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
+from fourbit.quant.state import NestedState
+
+
+def default_compute_dtype(device: torch.device | str | None) -> torch.dtype:
+    """bf16 on CUDA (the paper's setting), fp32 elsewhere (CPUs here have no bf16 arithmetic)."""
+    return torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
+
+
+# Note: Shared dequantization buffer
+# Dequantized weights live only between a dequantize and the matmul that consumes it, so every
+# Linear4bit on a device can reuse one flat buffer per dtype, grown to the largest weight seen.
+# Autograd never holds on to it: backward dequantizes again into the same buffer.
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    n = shape.numel()
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < n:
+        _SCRATCH.pop((device, dtype), None)  # free the old one before allocating the bigger one
+        buf = _SCRATCH[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def dequantize_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """W (out, in) in `dtype`, in the shared scratch buffer: valid until the next call."""
+    return dequantize_4bit(packed, state, dtype, out=_scratch(state.shape, dtype, packed.device))
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """y = x @ dequant(W)^T + b; grad_x = grad_y @ dequant(W); no gradient for W or b."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state, bias):
+        w = dequantize_weight(packed, state, x.dtype)  # (out, in)
+        ctx.state = state
+        ctx.save_for_backward(packed)
+        return F.linear(x, w, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_weight(packed, ctx.state, grad_y.dtype)  # (out, in)
+            grad_x = grad_y @ w  # (..., in)
+        return grad_x, None, None, None
+
+
+class Linear4bit(nn.Module):
+    """A frozen nn.Linear whose weight is packed NF4/FP4 (+ double-quantized block constants)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
+                 blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        self.weight_dtype = dtype  # the dtype W had before quantization (dequantizes to it by default)
+        n = in_features * out_features
+        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        # QuantState tensors as non-persistent buffers so .to()/.cuda() move them; the state_dict
+        # carries them under bitsandbytes' names instead (see _save_to_state_dict).
+        self._offset = 0.0
+        for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+            self.register_buffer(f"_{name}", None, persistent=False)
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, weight: torch.Tensor | None = None) -> Linear4bit:
+        """Quantize an nn.Linear (or `weight`, when the module is an empty shell on the meta device)."""
+        w = linear.weight if weight is None else weight
+        b = linear.bias
+        device = w.device
+        mod = cls(linear.in_features, linear.out_features, bias=b is not None, quant_type=quant_type,
+                  blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, device="meta",
+                  dtype=w.dtype)
+        mod.set_quantized(*quantize_4bit(w.detach(), quant_type, blocksize, double_quant))
+        if b is not None:
+            mod.bias = nn.Parameter(b.detach().to(device) if not b.is_meta else torch.zeros_like(b, device=device),
+                                    requires_grad=False)
+        return mod
+
+    def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Install packed codes + state (shapes are checked against the layer)."""
+        expect = torch.Size([self.out_features, self.in_features])
+        if state.shape != expect:
+            raise ValueError(f"quantized weight has shape {list(state.shape)}, layer needs {list(expect)}")
+        self.weight = packed.reshape(-1, 1) if packed.dtype == torch.uint8 else packed.view(-1, 1)
+        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
+        self._absmax, self._quant_map = state.absmax, state.code
+        self.double_quant = state.nested is not None
+        if state.nested is not None:
+            self._nested_absmax, self._nested_quant_map = state.nested.absmax, state.nested.code
+            self._offset = state.nested.offset
+        else:
+            self._nested_absmax = self._nested_quant_map = None
+
+    @property
+    def quant_state(self) -> QuantState:
+        nested = None
+        if self._nested_absmax is not None:
+            nested = NestedState(absmax=self._nested_absmax, code=self._nested_quant_map, offset=self._offset)
+        return QuantState(absmax=self._absmax, shape=torch.Size([self.out_features, self.in_features]),
+                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                          code=self._quant_map, nested=nested)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor holding W (out, in), in `dtype` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(cd)
+        y = _Linear4bitFn.apply(x.to(cd), self.weight, self.quant_state, bias)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}")
+
+    # -- state dict in bitsandbytes' layout -----------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.quant_state.as_dict(prefix + "weight.").items():
+            destination[k] = v
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        qkeys = [k for k in state_dict if k.startswith(prefix + "weight.")]
+        if qkeys:
+            packed = state_dict.get(prefix + "weight")
+            try:
+                state = QuantState.from_dict({k: state_dict[k] for k in qkeys}, prefix + "weight.", packed=packed)
+                self.set_quantized(packed.to(self.weight.device if not self.weight.is_meta else packed.device),
+                                   state.to(packed.device))
+            except ValueError as e:
+                error_msgs.append(f"{prefix}weight: {e}")
+            consumed = {prefix + "weight", *qkeys}
+            state_dict = {k: v for k, v in state_dict.items() if k not in consumed}
+            if self.bias is not None and prefix + "bias" in state_dict:
+                self.bias = nn.Parameter(state_dict[prefix + "bias"].to(self.weight.device), requires_grad=False)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

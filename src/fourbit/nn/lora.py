@@ -1,0 +1,93 @@
+"""`LoraLinear`: a low-rank adapter around any linear layer, quantized or not (Hu et al., 2021).
+
+    y = base(x) + scaling * B(A(dropout(x)))        A: (r, in), B: (out, r), scaling = alpha / r
+
+A is initialised like PEFT (kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(in))), B with
+zeros, so a fresh adapter leaves the model unchanged. rsLoRA uses scaling = alpha / sqrt(r).
+The adapter's parameters are kept in `adapter_dtype` (fp32 by default, so optimizer updates are
+not lost to bf16 rounding) and cast to the base layer's compute dtype inside forward; the cast
+is part of the graph, so gradients reach the fp32 parameters.
+
+`merge()` folds scaling * B @ A into the base weight and returns a plain nn.Linear; for a 4-bit
+base the sum is computed in float32 from the dequantized weight and optionally quantized again
+(`requantize=True`), which rounds: `fourbit merge` measures and reports that cost.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fourbit.nn.linear4bit import Linear4bit
+
+
+class LoraLinear(nn.Module):
+    """base_layer (frozen) + a trainable rank-r update; the layout PEFT uses (lora_A, lora_B)."""
+
+    def __init__(self, base_layer: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, adapter_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = _device_of(base_layer)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: U(+-1/sqrt(in))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        cd = y.dtype
+        a = self.lora_A.weight.to(cd)  # (r, in); a no-op when the adapter dtype is the compute dtype
+        b = self.lora_B.weight.to(cd)  # (out, r)
+        h = torch.nn.functional.linear(self.lora_dropout(x).to(cd), a)  # (..., r)
+        return y + torch.nn.functional.linear(h, b) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32, (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
+        """The base layer with the adapter folded in: an nn.Linear, or a Linear4bit if `requantize`."""
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            w = base.dequantize(torch.float32)
+            out_dtype = dtype or base.weight_dtype
+        else:
+            w = base.weight.float()
+            out_dtype = dtype or base.weight.dtype
+        merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                           device=w.device, dtype=out_dtype)
+        merged.weight.copy_((w + self.delta_weight()).to(out_dtype))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+        merged.requires_grad_(False)
+        if requantize:
+            q = base if isinstance(base, Linear4bit) else None
+            return Linear4bit.from_linear(merged, quant_type=q.quant_type if q else "nf4",
+                                          blocksize=q.blocksize if q else 64,
+                                          double_quant=q.double_quant if q else True,
+                                          compute_dtype=q.compute_dtype if q else None)
+        return merged
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
