@@ -5,9 +5,8 @@ quantized by bitsandbytes or fourbit (loaded as is), a GGUF file, the embedded `
 or a hub name (downloaded when a hub is reachable). For safetensors it never materialises the
 16-bit model: it builds the architecture on the meta device, swaps the linear layers (all but
 lm_head) for empty `Linear4bit` shells, then reads the checkpoint one tensor at a time, quantizing
-each linear weight on arrival. Peak memory is about the 4-bit model plus one tensor (plus the
-memory-mapped shard, which the OS can drop). GGUF files go through transformers' own reader,
-which dequantizes the whole file first, and are quantized afterwards.
+each linear weight on arrival. Peak memory is about the 4-bit model plus one 16-bit tensor. GGUF files go through transformers' own reader,
+which dequantizes the whole file first, and are quantized afterwards. See Note: One mapping per tensor.
 
 `quantize_checkpoint` (`fourbit quantize`) does the same streaming from disk to disk and writes
 bitsandbytes' 4-bit layout plus a `quantization_config`, so transformers + bitsandbytes loads it.
@@ -104,13 +103,22 @@ def checkpoint_shards(directory: Path) -> list[Path]:
 
 
 def iter_checkpoint(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every shard, one at a time (memory-mapped reads)."""
+    """(name, tensor) for every tensor of every shard, one at a time.
+
+    # Note: One mapping per tensor
+    safetensors reads through a memory map; pages of the file that were read stay resident (and
+    count in RSS) until the file is closed. Re-opening the shard for each tensor (a header parse,
+    microseconds) releases them, so peak memory is the tensors we keep plus one in flight.
+    """
     from safetensors import safe_open
 
     for shard in checkpoint_shards(directory):
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+            keys = list(f.keys())
+        for key in keys:
+            with safe_open(str(shard), framework="pt") as f:
+                t = f.get_tensor(key)
+            yield key, t
 
 
 def checkpoint_keys(directory: Path) -> list[str]:
@@ -185,8 +193,11 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def _finish(model: nn.Module, device: torch.device, missing_ok: set[str]) -> None:
     """Tie embeddings, rebuild computed buffers (RoPE), and refuse anything still unloaded."""
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is not None and out.weight.is_meta and getattr(model.config, "tie_word_embeddings", False):
-        out.weight = inp.weight
+    if out is not None and getattr(model.config, "tie_word_embeddings", False):
+        if out.weight.is_meta:  # tied checkpoints store one of the two names
+            out.weight = inp.weight
+        elif inp.weight.is_meta:
+            inp.weight = out.weight
     for mod in model.modules():  # non-persistent buffers (inv_freq) are computed, not stored
         if any(b is not None and b.is_meta for b in mod.buffers(recurse=False)) and \
                 not any(p.is_meta for p in mod.parameters(recurse=False)):
