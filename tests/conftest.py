@@ -29,6 +29,7 @@ requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"pub
 # Small but structurally complete configs (GQA, several layers, MLP wider than hidden).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocab for every arch
 
 
 def tiny_config(arch: str = "llama", **overrides):
@@ -41,6 +42,7 @@ def tiny_config(arch: str = "llama", **overrides):
                   vocab_size=256, max_position_embeddings=256)
     if arch == "gemma":
         kw["head_dim"] = 16
+    kw.update(SPECIAL)
     kw.update(overrides)
     return AutoConfig.for_model(arch, **kw)
 

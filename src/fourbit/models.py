@@ -171,6 +171,32 @@ def prequantized_modules(keys: list[str]) -> dict[str, str]:
     return out
 
 
+def key_renamer(model: nn.Module):
+    """A function mapping checkpoint names to the model's names (transformers' renaming rules).
+
+    transformers keeps per-architecture regex renames (GPT-NeoX's `embed_out` is `lm_head` in the
+    model, old checkpoints say `gamma` for `weight`, ...); we apply the plain renames. Conversions
+    that merge several tensors into one (fused MoE experts) are not streamable one tensor at a time;
+    `check_no_merging` refuses such checkpoints.
+    """
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+        rules = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    except (ImportError, AttributeError):  # an older transformers: names are used as they are
+        rules = []
+    pairs = [(re.compile(s), t) for r in rules for s, t in zip(r.source_patterns, r.target_patterns)]
+
+    def rename(key: str) -> str:
+        for pattern, target in pairs:
+            key = pattern.sub(target, key)
+        return key
+
+    return rename
+
+
 def _resolve_key(model_keys: set[str], key: str, prefix: str) -> str | None:
     if key in model_keys:
         return key
@@ -198,14 +224,18 @@ def _finish(model: nn.Module, device: torch.device, missing_ok: set[str]) -> Non
             out.weight = inp.weight
         elif inp.weight.is_meta:
             inp.weight = out.weight
-    for mod in model.modules():  # non-persistent buffers (inv_freq) are computed, not stored
-        if any(b is not None and b.is_meta for b in mod.buffers(recurse=False)) and \
-                not any(p.is_meta for p in mod.parameters(recurse=False)):
-            mod.to_empty(device=device, recurse=False)
-            model._init_weights(mod)
+    for mod in model.modules():  # non-persistent buffers (RoPE inv_freq, embed scales) are computed, not stored
+        meta = [k for k, b in mod._buffers.items()
+                if b is not None and b.is_meta and k in mod._non_persistent_buffers_set]
+        if not meta:
+            continue
+        for t in list(mod.parameters(recurse=False)) + [b for b in mod.buffers(recurse=False) if not b.is_meta]:
+            t._is_hf_initialized = True  # transformers' init functions skip tensors marked so: keep loaded ones
+        for k in meta:
+            mod._buffers[k] = torch.empty_like(mod._buffers[k], device=device)
+        model._init_weights(mod)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
-               if p is not None and p.is_meta and n not in missing_ok]
-    missing += [n + ".weight" for n, m in model.named_modules() if isinstance(m, Linear4bit) and m.weight.is_meta]
+               if p is not None and p.is_meta and n not in missing_ok]  # Linear4bit's weight is a buffer
     if missing:
         raise UserError(f"the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
 
@@ -224,12 +254,14 @@ class LoadReport:
 
 def load_model(name_or_path: str | os.PathLike, quant: str | None = "nf4", double_quant: bool = True,
                compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               blocksize: int = 64, trust_remote_code: bool = False, load_tokenizer: bool = True):
+               blocksize: int = 64, trust_remote_code: bool = False, load_tokenizer: bool = True,
+               rounding: str = "nearest"):
     """(model, tokenizer) with every linear layer but lm_head quantized to 4-bit (quant="nf4"|"fp4").
 
     quant=None loads the 16-bit model. compute_dtype defaults to bf16 on CUDA, fp32 elsewhere; the
     unquantized parts (embeddings, norms, lm_head) are stored in it. The tokenizer is None when the
-    directory has none. `model.fourbit_load_report` holds a LoadReport.
+    directory has none. `rounding` is passed to `quantize_4bit` ("bnb-cpu" reproduces bitsandbytes' CPU
+    bytes). `model.fourbit_load_report` holds a LoadReport.
     """
     quant = normalize_quant(quant)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -242,7 +274,7 @@ def load_model(name_or_path: str | os.PathLike, quant: str | None = "nf4", doubl
         model, tok, report = _load_gguf(src, quant, double_quant, compute_dtype, device, blocksize, load_tokenizer)
     else:
         model, report = _load_safetensors(src, quant, double_quant, compute_dtype, device, blocksize,
-                                          trust_remote_code)
+                                          trust_remote_code, rounding)
         tok = load_tokenizer_from(src) if load_tokenizer else None
     model.config._name_or_path = str(name_or_path)
     report.seconds = time.perf_counter() - t0
@@ -251,7 +283,8 @@ def load_model(name_or_path: str | os.PathLike, quant: str | None = "nf4", doubl
     return model.eval(), tok
 
 
-def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blocksize, trust_remote_code):
+def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blocksize, trust_remote_code,
+                      rounding="nearest"):
     config = load_config(src, trust_remote_code)
     model = meta_model(config, compute_dtype, trust_remote_code)
     keys = checkpoint_keys(src)
@@ -271,6 +304,7 @@ def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blo
                                                 compute_dtype=compute_dtype, device="meta"))
     model_keys = set(model.state_dict(keep_vars=True).keys()) | {f"{n}.weight" for n in preq | dict.fromkeys(to_quantize)}
     prefix = getattr(model, "base_model_prefix", "")
+    rename = key_renamer(model)
     pending: dict[str, dict[str, torch.Tensor]] = {}
     need = {n: {k for k in keys if k == f"{n}.weight" or k.startswith(f"{n}.weight.")} for n in preq}
     from tqdm.auto import tqdm
@@ -286,14 +320,14 @@ def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blo
                 model.get_submodule(mod_name).set_quantized(d[f"{mod_name}.weight"].to(device), state)
                 report.prequantized += 1
             continue
-        name = _resolve_key(model_keys, key, prefix)
+        name = _resolve_key(model_keys, rename(key), prefix)
         if name is None:
             report.unexpected_keys.append(key)
             continue
         mod_name, _, leaf = name.rpartition(".")
         if mod_name in to_quantize and leaf == "weight":
             w = t.to(device=device, dtype=compute_dtype)
-            model.get_submodule(mod_name).set_quantized(*quantize_4bit(w, quant, blocksize, double_quant))
+            model.get_submodule(mod_name).set_quantized(*quantize_4bit(w, quant, blocksize, double_quant, rounding))
             report.quantized += 1
             del w
         else:
@@ -457,6 +491,7 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, qua
     skeleton = meta_model(config, torch.float32)
     linear = set(find_linear_names(skeleton))
     prefix = getattr(skeleton, "base_model_prefix", "")
+    rename = key_renamer(skeleton)
     keys = set(skeleton.state_dict().keys())
     tied = bool(getattr(config, "tie_word_embeddings", False))
     from tqdm.auto import tqdm
@@ -468,7 +503,7 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, qua
         nbytes = t.numel() * t.element_size()
         report.bytes_in += nbytes
         report.largest_tensor_bytes = max(report.largest_tensor_bytes, nbytes)
-        name = _resolve_key(keys, key, prefix) or key
+        name = _resolve_key(keys, rename(key), prefix) or key
         mod_name, _, leaf = name.rpartition(".")
         if mod_name in linear and leaf == "weight":
             w = t.to(dtype) if dtype is not None else t
@@ -481,8 +516,8 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, qua
         else:
             tensors[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
         del t
-    if tied:
-        for k in [k for k in tensors if k.endswith("lm_head.weight")]:
+    if tied:  # one copy of a tied embedding; the loader ties it back
+        for k in [k for k in tensors if rename(k).endswith("lm_head.weight")]:
             del tensors[k]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.safetensors.tmp"

@@ -106,8 +106,9 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     names = find_linear_names(model, target)
     prepare_for_training(model, gradient_checkpointing)
     for name in names:
-        _set_module(model, name, LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
-                                            use_rslora=use_rslora, adapter_dtype=adapter_dtype))
+        lora = LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                          adapter_dtype=adapter_dtype)
+        _set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None

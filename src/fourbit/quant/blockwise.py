@@ -177,8 +177,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     `out` (contiguous, right shape and dtype) is filled and returned instead of allocating.
     """
     dtype = dtype or state.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if dtype not in FLOAT_DTYPES + (torch.float64,):  # float64: for reference computations
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or float64, got {dtype}")
     n = state.numel
     p = packed.reshape(-1)
     if p.dtype != torch.uint8:
