@@ -48,13 +48,13 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     n = int(mask.sum())
     denom = num_tokens if num_tokens is not None else max(n, 1)
     if chunk is None or not supports_split_head(model):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         logits = out.logits[:, :-1].float()  # (B, T-1, V)
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), reduction="sum",
                                 ignore_index=IGNORE_INDEX)
         return total / denom, n
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                 position_ids=position_ids).last_hidden_state  # (B, T, H)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (B, T, H); no KV cache in training
     h = hidden[:, :-1][mask]  # (n, H) only positions with a label
     y = shift[mask]  # (n,)
     head = model.get_output_embeddings()

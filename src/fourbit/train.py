@@ -301,7 +301,7 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
             loss, _ = causal_lm_loss(model, b["input_ids"], b["labels"], b.get("attention_mask"),
                                      b.get("position_ids"), num_tokens=max(n_tokens, 1), chunk=cfg.loss_chunk or None)
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens_seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         if not math.isfinite(loss_sum):
             kept = list_checkpoints(out)

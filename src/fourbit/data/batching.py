@@ -1,0 +1,95 @@
+"""Held-out splits, batch order, padding and packing: pure functions of (data, seed, epoch).
+
+`batch_order` is what makes resuming exact: the micro-batches of an epoch depend only on the
+example lengths, the seed and the epoch number, so a resumed run recomputes the same order and
+skips to its cursor. Group-by-length (QLoRA §5) shuffles, then sorts within mega-batches of 50
+micro-batches so padding is small while the order stays random.
+
+Packing concatenates examples into sequences of up to `max_len` tokens with position_ids that
+restart at 0 for each example and no attention mask; transformers then builds a block-diagonal
+causal mask from the position ids, so tokens never attend across examples. The first label of
+each packed example is masked (it would be predicted from the previous example's last token).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from fourbit.data.formats import Example
+from fourbit.data.tokenize import IGNORE
+
+MEGA_BATCH = 50
+
+
+def split_eval(examples: list[Example], eval_size: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, held-out). Examples with a split of their own keep it; the rest are split at random:
+    eval_size < 1 is a fraction, >= 1 a count."""
+    fixed_eval = [e for e in examples if e.split == "eval"]
+    fixed_train = [e for e in examples if e.split == "train"]
+    rest = [e for e in examples if e.split is None]
+    if fixed_eval or fixed_train:
+        n_eval = int(eval_size) if eval_size >= 1 else round(eval_size * len(examples))
+        return fixed_train + rest, fixed_eval[: max(n_eval, 1)] if eval_size else []
+    order = list(range(len(rest)))
+    random.Random(seed).shuffle(order)
+    n = int(eval_size) if eval_size >= 1 else round(eval_size * len(rest))
+    n = min(n, len(rest) - 1) if len(rest) > 1 else 0
+    held = sorted(order[:n])
+    keep = sorted(order[n:])
+    return [rest[i] for i in keep], [rest[i] for i in held]
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                group_by_length: bool = True) -> list[list[int]]:
+    """Micro-batches (lists of example indices) for one epoch."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    if group_by_length:
+        mega = batch_size * MEGA_BATCH
+        idx = [i for s in range(0, len(idx), mega)
+               for i in sorted(idx[s:s + mega], key=lambda i: -lengths[i])]
+    batches = [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, labels (-100 on padding) and attention_mask, or position_ids
+    for packed examples."""
+    t = max(len(e["input_ids"]) for e in examples)
+    b = len(examples)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    labels = torch.full((b, t), IGNORE, dtype=torch.long)
+    packed = "position_ids" in examples[0]
+    extra = torch.zeros((b, t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        if packed:
+            extra[i, :n] = torch.tensor(e["position_ids"])
+            extra[i, n:] = torch.arange(t - n)  # padding forms its own block
+        else:
+            extra[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
+def pack_examples(examples: list[dict], max_len: int) -> list[dict]:
+    """Greedy first-fit packing in the given order; each example stays whole."""
+    packs, cur = [], None
+    for e in examples:
+        n = len(e["input_ids"])
+        if cur is None or len(cur["input_ids"]) + n > max_len:
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+            packs.append(cur)
+        labels = list(e["labels"])
+        if cur["input_ids"]:
+            labels[0] = IGNORE  # not predictable from the previous example
+        cur["input_ids"] += e["input_ids"]
+        cur["labels"] += labels
+        cur["position_ids"] += list(range(n))
+    return packs
