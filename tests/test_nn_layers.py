@@ -135,6 +135,15 @@ def test_add_lora_wraps_every_linear_but_lm_head(capsys):
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)
 
 
+@pytest.mark.parametrize("dtype,norm_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_norms_go_to_fp32_for_fp16_models_only(dtype, norm_dtype):
+    model = tiny_model("llama").to(dtype)
+    add_lora(model, r=4, verbose=False)
+    norms = [m for n, m in model.named_modules() if n.endswith("norm")]
+    assert norms and all(m.weight.dtype == norm_dtype for m in norms)
+    assert model.get_output_embeddings().weight.dtype == dtype
+
+
 def test_add_lora_named_targets_and_unknown_names():
     model = tiny_model("llama")
     add_lora(model, r=4, target=["q_proj", "v_proj"], verbose=False)

@@ -4,8 +4,8 @@ QLoRA puts LoRA on every linear layer of the transformer blocks (QLoRA §4: "LoR
 transformer block layers are required to match full finetuning performance"), not on lm_head.
 `add_lora` does that by default, or wraps the layers whose leaf names are listed (PEFT's
 `target_modules` semantics). It also prepares a quantized model for training the way PEFT's
-`prepare_model_for_kbit_training` does: everything frozen, norms in fp32, inputs of the first
-block requiring grad when gradient checkpointing is on.
+`prepare_model_for_kbit_training` does: everything frozen, norms in fp32 (fp16 models; see
+Note: Norms in bf16), inputs of the first block requiring grad when gradient checkpointing is on.
 
 The LoRA settings are kept on the model as `model.lora_config` (a `LoraConfig`), which is what
 `save_adapter` writes as adapter_config.json.
@@ -78,11 +78,19 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:
-    """Freeze every parameter, keep norms in fp32, and (optionally) turn on gradient checkpointing."""
+    """Freeze every parameter, keep norms in fp32 (fp16 models), optionally gradient checkpointing.
+
+    # Note: Norms in bf16
+    PEFT upcasts norm weights to fp32 for every k-bit model. transformers' RMSNorms already
+    normalise in fp32 internally; an fp32 *weight* only makes the norm's output fp32, and with it
+    every activation downstream (2x activation memory, a cast per linear layer, and lm_head
+    receiving fp32 input). fp16 needs the fp32 weights for range; bf16 does not, so bf16 (and fp32)
+    models keep their norms as they are.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.modules():
-        if is_norm(m):
+        if is_norm(m) and any(p.dtype == torch.float16 for p in m.parameters(recurse=False)):
             m.float()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,86 @@
+"""`fourbit memory`: predictions against measured peaks (CPU, SmolLM2: within 15%), the paper's
+65B-in-48GB claim, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_smollm2
+from fourbit.errors import UserError
+from fourbit.memory import Plan, load_architecture, memory_main, parse_size, predict
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+
+
+def _predicted_step_delta(**kw):
+    r = predict(Plan(model="smollm2-135m", dtype="fp32", device="cpu", **kw))
+    p = r["parts"]  # what exists before the step: weights and the LoRA parameters
+    return r["total_bytes"] - p["quantized linear weights"] - p["embeddings, lm_head, norms"] - p["LoRA parameters (fp32)"]
+
+
+@requires_smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,seq,r,ckpt", [(4, 256, 64, False), (4, 256, 64, True)])
+def test_prediction_within_15_percent_of_measured_cpu_peak(smollm2_dir, batch, seq, r, ckpt):
+    out = subprocess.run([sys.executable, str(PROBE), str(batch), str(seq), str(r), str(int(ckpt)), "smollm2-135m"],
+                         capture_output=True, text=True, check=True).stdout
+    measured = json.loads(out.strip().splitlines()[-1])["delta"]
+    predicted = _predicted_step_delta(batch=batch, seq=seq, r=r, checkpointing=ckpt)
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+def test_checkpointing_and_8bit_states_reduce_the_prediction():
+    base = predict(Plan(model="llama-7b", seq=1024))
+    ckpt = predict(Plan(model="llama-7b", seq=1024, checkpointing=True))
+    eight = predict(Plan(model="llama-7b", seq=1024, optim="paged_adamw8bit"))
+    assert ckpt["total_bytes"] < base["total_bytes"] and eight["total_bytes"] < base["total_bytes"]
+    assert base["bits_per_parameter"] == pytest.approx(4.127, abs=1e-3)
+    no_dq = predict(Plan(model="llama-7b", double_quant=False))
+    assert no_dq["bits_per_parameter"] == pytest.approx(4.5, abs=1e-3)
+
+
+def test_the_papers_65b_fits_in_48gb():
+    r = predict(Plan(model="llama-65b", seq=512, batch=1, r=64, checkpointing=True, gpu="48GB"))
+    assert r["fits"] and r["lora_parameters"] == pytest.approx(800e6, rel=0.01)
+    assert 30 * 2**30 < r["parts"]["quantized linear weights"] < 35 * 2**30  # SPEC §10: ~34.5 GB with bf16 embeddings
+    assert r["max_seq_at_batch"] > 512
+
+
+def test_fit_search_is_consistent():
+    r = predict(Plan(model="llama-13b", seq=512, checkpointing=True, gpu="16GB"))
+    bigger = predict(Plan(model="llama-13b", seq=r["max_seq_at_batch"] + 1, checkpointing=True, gpu="16GB"))
+    assert r["fits"] and not bigger["fits"]
+
+
+def test_json_output(capsys):
+    assert memory_main(["--model", "llama-7b", "--gpu", "24GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"total_bytes", "parts", "fits"} and out["fits"] is True
+    assert sum(out["parts"].values()) == out["total_bytes"]
+
+
+@pytest.mark.parametrize("text,expect", [("24GB", 24 * 2**30), ("24 GiB", 24 * 2**30), ("80G", 80 * 2**30),
+                                         ("24000MB", 24_000 * 10**6), ("1.5TiB", int(1.5 * 2**40))])
+def test_parse_size(text, expect):
+    assert parse_size(text) == expect
+
+
+@pytest.mark.parametrize("text", ["lots", "24 parsecs", "", "GB"])
+def test_parse_size_refuses(text):
+    with pytest.raises(UserError, match="cannot read .* as a memory size"):
+        parse_size(text)
+
+
+def test_bad_configs(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(UserError, match=r"lacks \['num_hidden_layers', 'vocab_size'\]"):
+        load_architecture(str(tmp_path / "a.json"))
+    (tmp_path / "b.json").write_text(json.dumps({"model_type": "no-such-arch", "hidden_size": 1,
+                                                 "num_hidden_layers": 1, "vocab_size": 1}))
+    with pytest.raises(UserError, match="unknown architecture model_type='no-such-arch'"):
+        load_architecture(str(tmp_path / "b.json"))
+    with pytest.raises(UserError, match="not a config.json"):
+        load_architecture("llama-999b")
