@@ -188,16 +188,16 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if out is not None and (out.shape != state.shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {dtype} of shape {list(state.shape)}, "
                          f"got {out.dtype} {list(out.shape)}")
-    absmax = state.dequantized_absmax()
     if p.device.type == "cpu":
         from fourbit.quant.kernels import cpu
 
-        if cpu.available(dtype):
+        if cpu.available(dtype):  # resolves double quantization in the same pass
             out = out if out is not None else torch.empty(state.shape, dtype=dtype)
-            return cpu.dequant4(p.contiguous(), absmax.contiguous(), state.code.contiguous(), n, state.blocksize, out)
+            return cpu.dequant4(p.contiguous(), state.absmax.contiguous(), state.code.contiguous(), n,
+                                state.blocksize, out, state.nested)
     elif p.device.type == "cuda" and (triton_4bit := _triton()) is not None:
         return triton_4bit.dequantize_4bit(p, state, dtype, out)
-    res = _dequant4_reference(p, absmax, state.code, n, state.blocksize, dtype).view(state.shape)
+    res = _dequant4_reference(p, state.dequantized_absmax(), state.code, n, state.blocksize, dtype).view(state.shape)
     return out.copy_(res) if out is not None else res
 
 

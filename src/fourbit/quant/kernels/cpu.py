@@ -64,7 +64,7 @@ def _build() -> ctypes.CDLL | None:
             return None
         os.replace(tmp, lib_path)
     lib = ctypes.CDLL(str(lib_path))
-    lib.fb_dequant4.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, i64]
+    lib.fb_dequant4.argtypes = [ptr, ptr, ptr, ptr, c_int, i64, i64, i64, i64, ptr, ptr, i64, ctypes.c_float]
     lib.fb_dequant4.restype = None
     lib.fb_quant4.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int, ctypes.c_uint8, ptr, ptr, i64, i64]
     lib.fb_quant4.restype = None
@@ -94,24 +94,39 @@ def _pool(n: int) -> ThreadPoolExecutor:
 
 
 def _run_blocks(fn, nblocks: int, *args) -> None:
-    """Call fn(*args, b0, b1) over [0, nblocks), split across threads."""
+    """Call fn(<args before the range>, b0, b1, <args after>) over [0, nblocks), split across threads.
+
+    The block range goes where the C signature has it: after the first `_RANGE_AT[fn]` arguments."""
+    at = _RANGE_AT.get(fn.__name__, len(args))
+    head, tail = args[:at], args[at:]
     threads = max(1, min(torch.get_num_threads(), nblocks // _MIN_BLOCKS_PER_THREAD))
     if threads == 1:
-        fn(*args, 0, nblocks)
+        fn(*head, 0, nblocks, *tail)
         return
     step = -(-nblocks // threads)
-    futures = [_pool(threads).submit(fn, *args, b, min(b + step, nblocks)) for b in range(0, nblocks, step)]
+    futures = [_pool(threads).submit(fn, *head, b, min(b + step, nblocks), *tail) for b in range(0, nblocks, step)]
     for f in futures:
         f.result()
 
 
+_RANGE_AT = {"fb_dequant4": 7}
+
+
 def dequant4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
-             out: torch.Tensor) -> torch.Tensor:
-    """out.flatten()[:n] = code[nibbles] * absmax[block]; all tensors contiguous on CPU."""
+             out: torch.Tensor, nested=None) -> torch.Tensor:
+    """out.flatten()[:n] = code[nibbles] * absmax[block]; all tensors contiguous on CPU.
+
+    With `nested` (a fourbit.quant.NestedState), absmax holds the uint8 double-quantized
+    constants and nested.absmax / nested.code / nested.offset resolve them in the same pass."""
     lib = _lib()
     nblocks = absmax.numel()
+    if nested is None:
+        dq = (None, None, 1, 0.0)
+    else:
+        dq = (absmax.data_ptr(), nested.code.data_ptr(), nested.blocksize, nested.offset)
+        absmax = nested.absmax
     _run_blocks(lib.fb_dequant4, nblocks, packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
-                out.data_ptr(), _DTYPES[out.dtype], n, blocksize)
+                out.data_ptr(), _DTYPES[out.dtype], n, blocksize, *dq)
     return out
 
 

@@ -33,13 +33,22 @@ int fb_has_f16(void) {
 }
 
 /* Dequantize blocks [b0, b1): out[e] = code[nibble(e)] * absmax[e / blocksize], the product in
- * float32 and then rounded to the output dtype. n = number of elements; blocksize is even. */
+ * float32 and then rounded to the output dtype. n = number of elements; blocksize is even.
+ * Double quantization is resolved in the same pass when q8 is not NULL: the block constant is
+ * code2[q8[b]] * absmax2[b / nested_bs] + offset (two float32 roundings, as in the reference). */
 void fb_dequant4(const uint8_t *packed, const float *absmax, const float *code, void *out, int dtype,
-                 int64_t n, int64_t blocksize, int64_t b0, int64_t b1) {
+                 int64_t n, int64_t blocksize, int64_t b0, int64_t b1, const uint8_t *q8, const float *code2,
+                 int64_t nested_bs, float offset) {
     float tf[16];
     uint16_t th[16];
     for (int64_t b = b0; b < b1; b++) {
-        const float s = absmax[b];
+        float s;
+        if (q8) {
+            s = code2[q8[b]] * absmax[b / nested_bs];
+            s = s + offset;
+        } else {
+            s = absmax[b];
+        }
         for (int k = 0; k < 16; k++) tf[k] = code[k] * s;
         const int64_t e0 = b * blocksize;
         const int64_t e1 = (e0 + blocksize < n) ? e0 + blocksize : n;
