@@ -76,6 +76,21 @@ def smollm2_dir() -> Path:
     return embedded_model_dir("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (vocab 49,152, ChatML template): trains in seconds."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = tiny_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

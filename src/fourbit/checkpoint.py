@@ -35,7 +35,8 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
                 tensors[f"state/{idx}/{name}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}/{name}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}  # e.g. which optimizer wrote it
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "extra": extra}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -46,7 +47,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for key, v in meta["scalars"].items():
         idx, name = key.split("/", 1)
         state.setdefault(int(idx), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return {"state": state, "param_groups": meta["param_groups"], **meta.get("extra", {})}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], list]:
@@ -101,7 +102,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer, scheduler and RNG from `path`; returns the trainer state dict."""
     state = json.loads((path / STATE_NAME).read_text())
     load_adapter(model, path, trainable=True)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                       state["optimizer"]))
+    except ValueError as e:
+        from fourbit.errors import UserError
+
+        raise UserError(f"cannot resume from {path}: its optimizer state does not fit this run ({e}). Resume with "
+                        f"the settings the run started with (see {path / STATE_NAME})") from None
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_file(str(path / "rng.safetensors")), state["python_random"])
     return state

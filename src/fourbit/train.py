@@ -80,7 +80,7 @@ class TrainConfig:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda if available)"})
     compute_dtype: str | None = field(default=None, metadata={"help": "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"})
     loss_chunk: int = field(default=1024, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
-    score_examples: int = field(default=64, metadata={"help": "builtin task: held-out examples scored before/after"})
+    score_examples: int = field(default=32, metadata={"help": "builtin task: held-out examples scored before/after"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
 
     def validate(self) -> list[str]:
@@ -120,9 +120,11 @@ class TrainConfig:
 
 
 # The demo: the flags `fourbit train --data builtin` uses unless given on the command line.
-DEMO_PRESET = dict(output="runs/demo", max_steps=60, batch_size=8, grad_accum=1, lr=1e-3, r=16, alpha=32,
-                   dropout=0.0, eval_steps=20, save_steps=20, source_max_len=96, target_max_len=48,
-                   gradient_checkpointing=False, eval_size=64)
+# Sized by measurement: the held-out score goes 0% -> ~97% in 40 steps and the loss is < 0.01
+# after 12, so 20 steps of 8 examples (~3 minutes of training on 2 CPU cores) are plenty.
+DEMO_PRESET = dict(output="runs/demo", max_steps=20, batch_size=8, grad_accum=1, lr=1e-3, r=16, alpha=32,
+                   dropout=0.0, eval_steps=10, save_steps=10, source_max_len=96, target_max_len=48,
+                   gradient_checkpointing=False, eval_size=32)
 
 
 @dataclass
@@ -403,8 +405,8 @@ def builtin_score(model, tokenizer, examples: list, device: torch.device, n: int
 
     sample = examples[:n]
     prompts = [D.prompt_text(e, tokenizer) for e in sample]
-    answers = generate_batch(model, tokenizer, prompts, max_new_tokens=48, batch_size=16, device=device,
-                             chat_template=False)
+    answers = generate_batch(model, tokenizer, prompts, max_new_tokens=24, batch_size=16, device=device,
+                             chat_template=False)  # an answer is ~16 tokens
     return D.score_builtin(answers, [D.reference_answer(e) for e in sample])
 
 
