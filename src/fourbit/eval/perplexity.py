@@ -3,7 +3,8 @@
 The text is tokenized once; windows of `max_length` tokens start every `stride` tokens, and each
 window scores only the tokens not scored by an earlier one, with up to max_length - stride tokens
 of context before them. stride == max_length gives disjoint chunks (fast, pessimistic); a smaller
-stride gives every token more context. Every token but the first is scored exactly once.
+stride gives every token more context. No token is scored twice; with disjoint windows the first
+token of each window has no context and is not scored (as in the transformers recipe).
 """
 
 from __future__ import annotations
