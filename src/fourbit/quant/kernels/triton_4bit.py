@@ -1,0 +1,177 @@
+"""Triton kernels for CUDA: 4-bit dequantization (double quantization resolved in the same pass),
+quantization, and a fused 4-bit matrix-vector product for batch-1 generation.
+
+Each must match the pure-torch reference in fourbit.quant.blockwise: dequantization and
+quantization bit for bit, gemv within float32 summation-order tolerance. The tests run them on
+CPU under TRITON_INTERPRET=1 (tests/test_kernels_triton.py); on a GPU `bench/gpu.py` checks them
+at real sizes against the reference and bitsandbytes and times them.
+
+# Note: Exact float arithmetic
+The reference rounds twice when resolving double quantization (dyn[q8] * absmax2, then + offset)
+and computes 1 / absmax correctly rounded. Triton would fuse the first into an FMA and use an
+approximate reciprocal, so the kernels are compiled with `enable_fp_fusion=False` and divide with
+`div_rn`. The float32 -> bf16/fp16 casts round to nearest even, like torch's.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # fourbit works without Triton; CUDA tensors then use the torch reference
+    triton = None
+
+_OUT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@lru_cache(maxsize=1)
+def available() -> bool:
+    """Triton importable and a CUDA device present (the interpreter is for tests, not dispatch)."""
+    return triton is not None and torch.cuda.is_available() and not interpreting()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _to_bf16(y):
+        """float32 -> bfloat16, round to nearest even, spelled out in integer ops (the interpreter's
+        own cast truncates; on GPUs this compiles to the same result as cvt.rn)."""
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS: tl.constexpr, DQ: tl.constexpr, mask):
+        if DQ:
+            q8 = tl.load(q8_ptr + blk, mask=mask, other=0).to(tl.int32)
+            s = tl.load(code2_ptr + q8, mask=mask, other=0.0) * tl.load(absmax_ptr + blk // NESTED_BS, mask=mask,
+                                                                        other=0.0)
+            return s + offset
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+    @triton.jit
+    def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, q8_ptr, code2_ptr, offset,
+                        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
+        mask = offs < n
+        byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        nib = tl.where(offs % 2 == 0, byte >> 4, byte & 15)  # first element in the high nibble
+        v = tl.load(code_ptr + nib, mask=mask, other=0.0)
+        s = _block_scale(absmax_ptr, offs // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, mask)
+        y = v * s  # float32 product, rounded once to the output dtype below
+        if OUT == 1:
+            y = _to_bf16(y)
+        elif OUT == 2:
+            y = y.to(tl.float16)
+        tl.store(out_ptr + offs, y, mask=mask)
+
+    @triton.jit
+    def _quant_kernel(x_ptr, packed_ptr, absmax_ptr, mids_ptr, order_ptr, n, ZERO_CODE: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, NB: tl.constexpr):
+        """NB quantization blocks per program; nearest level by counting midpoints below x (ties low)."""
+        blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # (NB,)
+        col = tl.arange(0, BLOCKSIZE)  # (BS,)
+        offs = blk[:, None] * BLOCKSIZE + col[None, :]  # (NB, BS)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)  # (NB,)
+        tl.store(absmax_ptr + blk, amax, mask=blk * BLOCKSIZE < n)
+        r = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax)
+        y = x * r[:, None]
+        cnt = tl.zeros((NB, BLOCKSIZE), dtype=tl.int32)
+        for k in tl.static_range(15):
+            cnt += (y > tl.load(mids_ptr + k)).to(tl.int32)
+        q = tl.load(order_ptr + cnt).to(tl.int32)
+        q = tl.where((amax == 0)[:, None], 0, q)  # CUDA rule: an all-zero block codes 0
+        q = tl.where(mask, q, ZERO_CODE)  # pad an odd tail with the code of 0.0
+        hi, lo = tl.split(tl.reshape(q, (NB, BLOCKSIZE // 2, 2)))
+        byte = (hi << 4) | lo
+        boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+        tl.store(packed_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 1) // 2)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, N, K, q8_ptr, code2_ptr, offset,
+                     BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[o] = sum_k x[k] * W[o, k] with W (N, K) packed row-major; float32 accumulation."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            idx = rows[:, None] * K + ks[None, :]  # (BN, BK) element indices into W
+            m = (rows[:, None] < N) & (ks[None, :] < K)
+            byte = tl.load(packed_ptr + idx // 2, mask=m, other=0).to(tl.int32)
+            nib = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
+            w = tl.load(code_ptr + nib, mask=m, other=0.0) * _block_scale(absmax_ptr, idx // BLOCKSIZE, q8_ptr,
+                                                                          code2_ptr, offset, NESTED_BS, DQ, m)
+            xk = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w * xk[None, :], axis=1)
+        if OUT == 1:
+            out = _to_bf16(acc)
+        elif OUT == 2:
+            out = acc.to(tl.float16)
+        else:
+            out = acc
+        tl.store(y_ptr + rows, out, mask=rows < N)
+
+
+def _dq_args(state):
+    if state.nested is None:
+        return state.absmax, state.absmax, state.absmax, 0.0, 1, False  # unused DQ pointers: any tensor
+    n = state.nested
+    return n.absmax, state.absmax, n.code, float(n.offset), n.blocksize, True
+
+
+def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
+                    block: int = 1024) -> torch.Tensor:
+    """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
+    n = state.numel
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
+    absmax, q8, code2, offset, nbs, dq = _dq_args(state)
+    _dequant_kernel[(triton.cdiv(n, block),)](
+        packed, absmax, state.code, out, n, q8, code2, offset, BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq,
+        OUT=_OUT[dtype], BLOCK=block, enable_fp_fusion=False)
+    return out
+
+
+def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: str):
+    """(packed uint8 [(n+1)//2], absmax float32 [nblocks]) with the 'nearest' (CUDA) rule."""
+    from fourbit.quant.blockwise import _quant4_reference, _zero_code
+    from fourbit.quant.codebook import quantize_bounds
+
+    if rounding != "nearest":  # bitsandbytes' CPU rule is for reproducing CPU files: use the reference
+        return _quant4_reference(x, quant_type, blocksize, rounding)
+    n = x.numel()
+    nblocks = triton.cdiv(n, blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    mids, order = quantize_bounds(quant_type, x.device)
+    nb = max(1, min(16, 2048 // blocksize))
+    _quant_kernel[(triton.cdiv(nblocks, nb),)](x.reshape(-1), packed, absmax, mids, order, n,
+                                               ZERO_CODE=_zero_code(quant_type, "cpu"), BLOCKSIZE=blocksize, NB=nb,
+                                               enable_fp_fusion=False)
+    return packed, absmax
+
+
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+    """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N)."""
+    n_out, k = state.shape
+    xv = x.reshape(-1)
+    if xv.numel() != k:
+        raise ValueError(f"gemv_4bit: x has {xv.numel()} elements, W has {k} columns")
+    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    absmax, q8, code2, offset, nbs, dq = _dq_args(state)
+    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        xv, packed.reshape(-1), absmax, state.code, y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=False)
+    return y.view(*x.shape[:-1], n_out)
