@@ -68,6 +68,14 @@ class _Linear4bitFn(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+def _gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor | None:
+    """x @ W^T straight from the packed codes (Triton), or None when Triton is unavailable."""
+    from fourbit.quant.blockwise import _triton
+
+    t = _triton()
+    return None if t is None else t.gemv_4bit(x, packed.view(torch.uint8), state)
+
+
 class Linear4bit(nn.Module):
     """A frozen nn.Linear whose weight is packed NF4/FP4 (+ double-quantized block constants)."""
 
@@ -138,6 +146,10 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cd)
+        if x.is_cuda and x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            y = _gemv(x.to(cd), self.weight, self.quant_state)  # one token (generation): no weight-sized buffer
+            if y is not None:
+                return (y if bias is None else y + bias).to(x.dtype)
         y = _Linear4bitFn.apply(x.to(cd), self.weight, self.quant_state, bias)
         return y.to(x.dtype)
 
