@@ -62,18 +62,20 @@ if triton is not None:
     def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, q8_ptr, code2_ptr, offset,
                         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
                         BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element indices
-        mask = offs < n
-        byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-        nib = tl.where(offs % 2 == 0, byte >> 4, byte & 15)  # first element in the high nibble
-        v = tl.load(code_ptr + nib, mask=mask, other=0.0)
-        s = _block_scale(absmax_ptr, offs // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, mask)
-        y = v * s  # float32 product, rounded once to the output dtype below
+        """BLOCK bytes per program -> 2 * BLOCK elements; each byte is read once, both nibbles used."""
+        boffs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte indices
+        bmask = boffs < (n + 1) // 2
+        byte = tl.load(packed_ptr + boffs, mask=bmask, other=0).to(tl.int32)
+        s = _block_scale(absmax_ptr, (2 * boffs) // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, bmask)
+        hi = tl.load(code_ptr + (byte >> 4)) * s  # float32 products, rounded once to the output dtype below
+        lo = tl.load(code_ptr + (byte & 15)) * s  # (blocksize is even: both nibbles share a block)
+        y = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: element 2i = high nibble of byte i
         if OUT == 1:
             y = _to_bf16(y)
         elif OUT == 2:
             y = y.to(tl.float16)
-        tl.store(out_ptr + offs, y, mask=mask)
+        offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(out_ptr + offs, y, mask=offs < n)
 
     @triton.jit
     def _quant_kernel(x_ptr, packed_ptr, absmax_ptr, mids_ptr, order_ptr, n, ZERO_CODE: tl.constexpr,
@@ -133,12 +135,12 @@ def _dq_args(state):
 
 
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
-                    block: int = 1024) -> torch.Tensor:
+                    block: int = 2048) -> torch.Tensor:
     """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
     n = state.numel
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
-    _dequant_kernel[(triton.cdiv(n, block),)](
+    _dequant_kernel[(triton.cdiv((n + 1) // 2, block),)](
         packed, absmax, state.code, out, n, q8, code2, offset, BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq,
         OUT=_OUT[dtype], BLOCK=block, enable_fp_fusion=False)
     return out
