@@ -36,7 +36,7 @@ def main():
         w = torch.randn(rows, cols)
         q, s = quantize_4bit(w)
         x = torch.randn(cols).to(dt)
-        y = T.gemv_4bit(x, q, s, block_n=16, block_k=64)
+        y = T.gemv_4bit(x, q, s, block_n=16, block_kb=32)
         ref = (dequantize_4bit(q, s, torch.float64) @ x.double())
         tol = 1e-4 if dt == torch.float32 else 2e-2  # float32 accumulation; 16-bit output rounding
         err = ((y.double() - ref).abs() / (ref.abs() + 1)).max().item()

@@ -61,20 +61,23 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, q8_ptr, code2_ptr, offset,
                         BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        """BLOCK bytes per program -> 2 * BLOCK elements; each byte is read once, both nibbles used."""
-        boffs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte indices
+                        ROWS: tl.constexpr):
+        """ROWS quantization blocks per program, as a (ROWS, BLOCKSIZE / 2) tile of bytes: each byte
+        is read once, each block's scale once, and the two nibbles are interleaved on store."""
+        BB: tl.constexpr = BLOCKSIZE // 2
+        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
+        boffs = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # (R, BB) byte indices
         bmask = boffs < (n + 1) // 2
         byte = tl.load(packed_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-        s = _block_scale(absmax_ptr, (2 * boffs) // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, bmask)
-        hi = tl.load(code_ptr + (byte >> 4)) * s  # float32 products, rounded once to the output dtype below
-        lo = tl.load(code_ptr + (byte & 15)) * s  # (blocksize is even: both nibbles share a block)
-        y = tl.reshape(tl.join(hi, lo), (2 * BLOCK,))  # interleave: element 2i = high nibble of byte i
+        s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, blk * BLOCKSIZE < n)  # (R,)
+        hi = tl.load(code_ptr + (byte >> 4)) * s[:, None]  # float32 products, rounded once below
+        lo = tl.load(code_ptr + (byte & 15)) * s[:, None]
+        y = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE))  # element 2i = high nibble of byte i
         if OUT == 1:
             y = _to_bf16(y)
         elif OUT == 2:
             y = y.to(tl.float16)
-        offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(out_ptr + offs, y, mask=offs < n)
 
     @triton.jit
@@ -104,20 +107,23 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, N, K, q8_ptr, code2_ptr, offset,
                      BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[o] = sum_k x[k] * W[o, k] with W (N, K) packed row-major; float32 accumulation."""
+                     BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+        """y[o] = sum_k x[k] W[o, k], W (N, K) packed row-major with K even; float32 accumulation.
+        Each program owns BLOCK_N rows and walks K in tiles of BLOCK_KB bytes (2 BLOCK_KB weights)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        half = K // 2  # bytes per row
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-            idx = rows[:, None] * K + ks[None, :]  # (BN, BK) element indices into W
-            m = (rows[:, None] < N) & (ks[None, :] < K)
-            byte = tl.load(packed_ptr + idx // 2, mask=m, other=0).to(tl.int32)
-            nib = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
-            w = tl.load(code_ptr + nib, mask=m, other=0.0) * _block_scale(absmax_ptr, idx // BLOCKSIZE, q8_ptr,
-                                                                          code2_ptr, offset, NESTED_BS, DQ, m)
-            xk = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-            acc += tl.sum(w * xk[None, :], axis=1)
+        for kb0 in range(0, half, BLOCK_KB):
+            kb = kb0 + tl.arange(0, BLOCK_KB)  # (BK,) byte columns
+            bidx = rows[:, None] * half + kb[None, :]  # (BN, BK)
+            m = (rows[:, None] < N) & (kb[None, :] < half)
+            byte = tl.load(packed_ptr + bidx, mask=m, other=0).to(tl.int32)
+            s = _block_scale(absmax_ptr, (2 * bidx) // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, m)
+            xe = tl.load(x_ptr + 2 * kb, mask=kb < half, other=0.0).to(tl.float32)
+            xo = tl.load(x_ptr + 2 * kb + 1, mask=kb < half, other=0.0).to(tl.float32)
+            w_hi = tl.load(code_ptr + (byte >> 4)) * s
+            w_lo = tl.load(code_ptr + (byte & 15)) * s
+            acc += tl.sum(w_hi * xe[None, :] + w_lo * xo[None, :], axis=1)
         if OUT == 1:
             out = _to_bf16(acc)
         elif OUT == 2:
@@ -135,14 +141,15 @@ def _dq_args(state):
 
 
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
-                    block: int = 2048) -> torch.Tensor:
+                    block_bytes: int = 4096) -> torch.Tensor:
     """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
     n = state.numel
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
-    _dequant_kernel[(triton.cdiv((n + 1) // 2, block),)](
+    rows = max(1, block_bytes // (state.blocksize // 2))
+    _dequant_kernel[(triton.cdiv(triton.cdiv(n, state.blocksize), rows),)](
         packed, absmax, state.code, out, n, q8, code2, offset, BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq,
-        OUT=_OUT[dtype], BLOCK=block, enable_fp_fusion=False)
+        OUT=_OUT[dtype], ROWS=rows, enable_fp_fusion=False)
     return out
 
 
@@ -165,9 +172,13 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
     return packed, absmax
 
 
-def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 32, block_k: int = 256) -> torch.Tensor:
-    """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N)."""
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16,
+              block_kb: int = 128) -> torch.Tensor | None:
+    """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N).
+    None when K is odd (rows would start mid-byte): the caller dequantizes instead."""
     n_out, k = state.shape
+    if k % 2:
+        return None
     xv = x.reshape(-1)
     if xv.numel() != k:
         raise ValueError(f"gemv_4bit: x has {xv.numel()} elements, W has {k} columns")
@@ -175,5 +186,5 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 32, b
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         xv, packed.reshape(-1), absmax, state.code, y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
-        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=False)
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, BLOCK_KB=block_kb, enable_fp_fusion=False)
     return y.view(*x.shape[:-1], n_out)
