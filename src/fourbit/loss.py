@@ -37,7 +37,7 @@ def supports_split_head(model: nn.Module) -> bool:
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                   num_tokens: int | None = None, chunk: int | None = 1024) -> tuple[torch.Tensor, int]:
+                   num_tokens: int | None = None, chunk: int | None = 512) -> tuple[torch.Tensor, int]:
     """(sum of token losses / num_tokens, number of labelled tokens in this batch).
 
     labels are aligned with input_ids (token t predicts labels[t + 1], as in transformers);

@@ -97,7 +97,7 @@ class Plan:
     double_quant: bool = field(default=True, metadata={"help": "double quantization"})
     dtype: str = field(default="bf16", metadata={"help": "compute dtype: bf16, fp16 or fp32"})
     device: str = field(default="cuda", metadata={"help": "cuda (adds the CUDA context) or cpu"})
-    loss_chunk: int = field(default=1024, metadata={"help": "labelled tokens per lm_head chunk (0: full logits)"})
+    loss_chunk: int = field(default=512, metadata={"help": "labelled tokens per lm_head chunk (0: full logits)"})
     label_fraction: float = field(default=1.0, metadata={"help": "fraction of positions with a label (responses only)"})
     gpu: str | None = field(default=None, metadata={"help": "memory to fit in, e.g. 24GB, 48GiB, 80G"})
     json: bool = field(default=False, metadata={"help": "print {total_bytes, parts, fits, ...} as JSON"})

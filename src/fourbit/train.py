@@ -79,7 +79,7 @@ class TrainConfig:
     max_examples: int = field(default=0, metadata={"help": "use at most this many training examples (0: all)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda if available)"})
     compute_dtype: str | None = field(default=None, metadata={"help": "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"})
-    loss_chunk: int = field(default=1024, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
+    loss_chunk: int = field(default=512, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
     score_examples: int = field(default=32, metadata={"help": "builtin task: held-out examples scored before/after"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
 

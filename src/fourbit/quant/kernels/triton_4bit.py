@@ -107,23 +107,31 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, N, K, q8_ptr, code2_ptr, offset,
                      BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
-        """y[o] = sum_k x[k] W[o, k], W (N, K) packed row-major with K even; float32 accumulation.
-        Each program owns BLOCK_N rows and walks K in tiles of BLOCK_KB bytes (2 BLOCK_KB weights)."""
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """y[o] = sum_k x[k] W[o, k], W (N, K) packed row-major, K a multiple of the blocksize (rows
+        start on block boundaries); float32 accumulation. Each program owns BLOCK_N rows and walks
+        K in tiles of GROUPS quantization blocks: (BLOCK_N, GROUPS, BLOCKSIZE / 2) bytes, one scale
+        per (row, group)."""
+        BB: tl.constexpr = BLOCKSIZE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        g = tl.arange(0, GROUPS)
+        j = tl.arange(0, BB)
         half = K // 2  # bytes per row
+        nblk_row = K // BLOCKSIZE
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for kb0 in range(0, half, BLOCK_KB):
-            kb = kb0 + tl.arange(0, BLOCK_KB)  # (BK,) byte columns
-            bidx = rows[:, None] * half + kb[None, :]  # (BN, BK)
-            m = (rows[:, None] < N) & (kb[None, :] < half)
-            byte = tl.load(packed_ptr + bidx, mask=m, other=0).to(tl.int32)
-            s = _block_scale(absmax_ptr, (2 * bidx) // BLOCKSIZE, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, m)
-            xe = tl.load(x_ptr + 2 * kb, mask=kb < half, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptr + 2 * kb + 1, mask=kb < half, other=0.0).to(tl.float32)
-            w_hi = tl.load(code_ptr + (byte >> 4)) * s
-            w_lo = tl.load(code_ptr + (byte & 15)) * s
-            acc += tl.sum(w_hi * xe[None, :] + w_lo * xo[None, :], axis=1)
+        for b0 in range(0, nblk_row, GROUPS):
+            gb = b0 + g  # (G,) block index within the row
+            gm = (rows[:, None] < N) & (gb[None, :] < nblk_row)  # (BN, G)
+            blk = rows[:, None] * nblk_row + gb[None, :]  # (BN, G) global block index
+            s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, gm)  # (BN, G)
+            col = gb[:, None] * BB + j[None, :]  # (G, BB) byte column within the row
+            byte = tl.load(packed_ptr + rows[:, None, None] * half + col[None, :, :], mask=gm[:, :, None],
+                           other=0).to(tl.int32)  # (BN, G, BB)
+            xm = (gb < nblk_row)[:, None]
+            xe = tl.load(x_ptr + 2 * col, mask=xm, other=0.0).to(tl.float32)  # (G, BB) even elements
+            xo = tl.load(x_ptr + 2 * col + 1, mask=xm, other=0.0).to(tl.float32)
+            part = tl.load(code_ptr + (byte >> 4)) * xe[None] + tl.load(code_ptr + (byte & 15)) * xo[None]
+            acc += tl.sum(tl.sum(part, axis=2) * s, axis=1)
         if OUT == 1:
             out = _to_bf16(acc)
         elif OUT == 2:
@@ -173,11 +181,13 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16,
-              block_kb: int = 128) -> torch.Tensor | None:
+              groups: int = 4) -> torch.Tensor | None:
     """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N).
-    None when K is odd (rows would start mid-byte): the caller dequantizes instead."""
+    None when K is not a multiple of the blocksize (rows would not start on a block): the caller
+    dequantizes instead. Sums per block first, then scales: equal to the dequantized product up to
+    float32 summation order."""
     n_out, k = state.shape
-    if k % 2:
+    if k % state.blocksize:
         return None
     xv = x.reshape(-1)
     if xv.numel() != k:
@@ -186,5 +196,5 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16,
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         xv, packed.reshape(-1), absmax, state.code, y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
-        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, BLOCK_KB=block_kb, enable_fp_fusion=False)
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, enable_fp_fusion=False)
     return y.view(*x.shape[:-1], n_out)
