@@ -149,7 +149,7 @@ def _dq_args(state):
 
 
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
-                    block_bytes: int = 4096) -> torch.Tensor:
+                    block_bytes: int = 4096, num_warps: int = 4) -> torch.Tensor:
     """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
     n = state.numel
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
@@ -157,7 +157,7 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.
     rows = max(1, block_bytes // (state.blocksize // 2))
     _dequant_kernel[(triton.cdiv(triton.cdiv(n, state.blocksize), rows),)](
         packed, absmax, state.code, out, n, q8, code2, offset, BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq,
-        OUT=_OUT[dtype], ROWS=rows, enable_fp_fusion=False)
+        OUT=_OUT[dtype], ROWS=rows, enable_fp_fusion=False, num_warps=num_warps)
     return out
 
 
@@ -180,8 +180,8 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
     return packed, absmax
 
 
-def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16,
-              groups: int = 4) -> torch.Tensor | None:
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16, groups: int = 4,
+              num_warps: int = 4) -> torch.Tensor | None:
     """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N).
     None when K is not a multiple of the blocksize (rows would not start on a block): the caller
     dequantizes instead. Sums per block first, then scales: equal to the dequantized product up to
@@ -196,5 +196,6 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16,
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         xv, packed.reshape(-1), absmax, state.code, y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
-        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, enable_fp_fusion=False)
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, enable_fp_fusion=False,
+        num_warps=num_warps)
     return y.view(*x.shape[:-1], n_out)
