@@ -51,7 +51,7 @@ def main():
         out = torch.empty_like(w)
         nbytes = w.numel() // 2 + s.absmax.numel() + 2 * w.numel()
         best = None
-        for bb, nw in itertools.product([1024, 2048, 4096, 8192], [2, 4, 8]):
+        for bb, nw in itertools.product([2048, 4096, 8192], [4, 8]):
             t = graph_time(lambda: T.dequantize_4bit(q.view(-1), s, torch.bfloat16, out, bb, nw))
             gbs = nbytes / t / 1e9
             best = max(best or (0,), (gbs, bb, nw))
@@ -66,7 +66,7 @@ def main():
         q, s = quantize_4bit(w)
         xv = torch.randn(1, shape[1], dtype=torch.bfloat16, device="cuda")
         res = []
-        for bn, g, nw in itertools.product([4, 8, 16, 32], [1, 2, 4, 8], [2, 4, 8]):
+        for bn, g, nw in itertools.product([4, 8, 16, 32], [2, 4, 8], [4]):
             try:
                 t = graph_time(lambda: T.gemv_4bit(xv, q, s, bn, g, nw))
                 res.append((t, bn, g, nw))
@@ -82,6 +82,36 @@ def main():
             tb = graph_time(lambda: bnb.matmul_4bit(xv, qb.t(), quant_state=sb))
             line += f"; bitsandbytes {tb * 1e6:.1f} us"
         print(line, flush=True)
+    # the eager cost of one token through one layer (what generation pays per linear, Python included)
+    from torch import nn
+
+    from fourbit.nn import Linear4bit
+
+    lin = nn.Linear(4096, 4096, bias=False, dtype=torch.bfloat16, device="cuda")
+    ours = Linear4bit.from_linear(lin, compute_dtype=torch.bfloat16)
+    xv = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        line = f"eager Linear4bit(4096, 4096), 1 token: fourbit {eager_time(lambda: ours(xv)) * 1e6:.0f} us"
+        if F:
+            import bitsandbytes as bnb
+
+            theirs = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            theirs.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4").to("cuda")
+            line += f", bitsandbytes {eager_time(lambda: theirs(xv)) * 1e6:.0f} us"
+    print(line, flush=True)
+
+
+def eager_time(fn, reps=200):
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    import time
+
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
 
 
 if __name__ == "__main__":
