@@ -131,6 +131,13 @@ class Linear4bit(nn.Module):
 
     @property
     def quant_state(self) -> QuantState:
+        """The QuantState over the current buffers (cached; rebuilt after .to() or set_quantized)."""
+        qs = self.__dict__.get("_qs")
+        if qs is None or qs.absmax is not self._absmax:
+            qs = self.__dict__["_qs"] = self._build_quant_state()
+        return qs
+
+    def _build_quant_state(self) -> QuantState:
         nested = None
         if self._nested_absmax is not None:
             nested = NestedState(absmax=self._nested_absmax, code=self._nested_quant_map, offset=self._offset)

@@ -149,7 +149,7 @@ def _dq_args(state):
 
 
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
-                    block_bytes: int = 4096, num_warps: int = 4) -> torch.Tensor:
+                    block_bytes: int = 4096, num_warps: int = 8) -> torch.Tensor:
     """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
     n = state.numel
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
@@ -180,7 +180,7 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
     return packed, absmax
 
 
-def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 16, groups: int = 4,
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 8, groups: int = 8,
               num_warps: int = 4) -> torch.Tensor | None:
     """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N).
     None when K is not a multiple of the blocksize (rows would not start on a block): the caller
