@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_adapter": "fourbit.nn",
     "load_model": "fourbit.models",
     "quantize_checkpoint": "fourbit.models",
-    "merge_adapter": "fourbit.models",
+    "merge_adapter": "fourbit.export",
     "PagedAdamW": "fourbit.optim",
     "AdamW8bit": "fourbit.optim",
     "PagedAdamW8bit": "fourbit.optim",

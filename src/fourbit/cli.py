@@ -17,7 +17,7 @@ from fourbit import __version__
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("fourbit.train", "cli_main", "fine-tune a model with QLoRA (no arguments: the embedded demo)"),
     "quantize": ("fourbit.models", "quantize_main", "quantize a model to 4-bit (bitsandbytes format) as it streams"),
-    "merge": ("fourbit.models", "merge_main", "merge an adapter into its base model; optional GGUF export"),
+    "merge": ("fourbit.export", "merge_main", "merge an adapter into its base model; optional GGUF export"),
     "chat": ("fourbit.generate", "chat_main", "chat with a model (and adapter) in the terminal"),
     "generate": ("fourbit.generate", "generate_main", "answer a file of prompts, writing JSONL"),
     "eval": ("fourbit.eval.cli", "eval_main", "perplexity (eval ppl) and MMLU (eval mmlu)"),
