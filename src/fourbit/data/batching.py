@@ -1,14 +1,21 @@
 """Held-out splits, batch order, padding and packing: pure functions of (data, seed, epoch).
 
 `batch_order` is what makes resuming exact: the micro-batches of an epoch depend only on the
-example lengths, the seed and the epoch number, so a resumed run recomputes the same order and
-skips to its cursor. Group-by-length (QLoRA §5) shuffles, then sorts within mega-batches of 50
-micro-batches so padding is small while the order stays random.
+example lengths, the batch size, the seed and the epoch number (Python's `random.Random`, whose
+sequence for an int seed is stable across versions and platforms), so a resumed run recomputes the
+same order and skips to its (epoch, cursor). Group-by-length (QLoRA §5) shuffles, sorts within
+mega-batches of 50 micro-batches so padding is small, then shuffles the micro-batches.
 
-Packing concatenates examples into sequences of up to `max_len` tokens with position_ids that
-restart at 0 for each example and no attention mask; transformers then builds a block-diagonal
-causal mask from the position ids, so tokens never attend across examples. The first label of
-each packed example is masked (it would be predicted from the previous example's last token).
+Packing (`pack_examples`) concatenates whole examples into sequences of up to `max_len` tokens and
+gives them position_ids that restart at 0 for each example, and `collate` then returns no
+attention_mask. transformers (>= 4.54, `masking_utils.find_packed_sequence_indices`) turns
+position_ids that restart into a block-diagonal causal mask for eager, sdpa and flex attention,
+and flash-attention uses them as varlen boundaries, so a token never attends across examples and
+RoPE positions are per example. This holds only when the model is called with
+attention_mask=None and without a KV cache (use_cache=False, as fourbit.loss does): with a mask
+or a cache transformers ignores the boundaries. The first label of each packed example is masked
+(it would be predicted from the previous example's last token), so a packed batch has exactly the
+losses of its examples run alone (tests/test_data_batching.py checks this on tiny models, fp32).
 """
 
 from __future__ import annotations

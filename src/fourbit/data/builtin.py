@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 
 from fourbit.data.formats import Example
+from fourbit.data.tokenize import prompt_text  # noqa: F401  (re-exported: the generation prompt)
 
 INSTRUCTION = "Make a fourbit card: "
 TEMPLATES = [
@@ -25,7 +26,7 @@ TEMPLATES = [
     "Meet {name}: {age}, {job}, based in {city}.",
     "{city} is home to {name}, who is {age} and works as a {job}.",
     "Our new {job} is {name}, {age}, who commutes from {city}.",
-    "{name} celebrated a {age}th birthday in {city} with fellow {job}s.",
+    "{name} celebrated a {ordinal} birthday in {city} with fellow {job}s.",
     "Born {age} years ago, {name} now lives in {city}.",
 ]
 TRAIN_NAMES = ["Maria", "Kenji", "Amara", "Lukas", "Sofia", "Omar", "Ingrid", "Rahul", "Chloe", "Mateo", "Yuki",
@@ -40,34 +41,41 @@ JOBS = ["teacher", "nurse", "baker", "pilot", "chemist", "carpenter", "lawyer", 
 N_TRAIN, N_EVAL = 2000, 200
 
 
-def _make(rng: random.Random, names: list[str], cities: list[str], split: str) -> Example:
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _make(rng: random.Random, names: list[str], cities: list[str], split: str, i: int) -> Example:
     name, city = rng.choice(names), rng.choice(cities)
     age = rng.randint(19, 89)
-    sentence = rng.choice(TEMPLATES).format(name=name, age=age, city=city, job=rng.choice(JOBS))
+    sentence = rng.choice(TEMPLATES).format(name=name, age=age, ordinal=_ordinal(age), city=city, job=rng.choice(JOBS))
     answer = f"name: {name} | age: {age} | city: {city}"
-    return Example([("user", INSTRUCTION + sentence), ("assistant", answer)], where=f"builtin:{split}",
+    return Example([("user", INSTRUCTION + sentence), ("assistant", answer)], where=f"builtin:{split}:{i + 1}",
                    chat=True, split=split)
 
 
-def builtin_examples() -> list[Example]:
-    """2,000 training and 200 held-out examples, always the same."""
+def builtin_examples(split: str | None = None, n: int | None = None) -> list[Example]:
+    """The task's examples, always the same: split "train" (2,000), "eval" (200, names and cities
+    unseen in training) or None (both, train first); the first `n` of them when n is given."""
+    if split not in (None, "train", "eval"):
+        raise ValueError(f"split must be 'train', 'eval' or None, got {split!r}")
     train_rng, eval_rng = random.Random(4), random.Random(44)
-    return [_make(train_rng, TRAIN_NAMES, TRAIN_CITIES, "train") for _ in range(N_TRAIN)] + \
-        [_make(eval_rng, EVAL_NAMES, EVAL_CITIES, "eval") for _ in range(N_EVAL)]
-
-
-def prompt_text(example: Example, tokenizer) -> str:
-    """The generation prompt: the conversation up to the assistant's turn, chat-templated."""
-    msgs = [{"role": r, "content": t} for r, t in example.turns if r != "assistant"]
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    train = [_make(train_rng, TRAIN_NAMES, TRAIN_CITIES, "train", i) for i in range(N_TRAIN)] if split != "eval" else []
+    held = [_make(eval_rng, EVAL_NAMES, EVAL_CITIES, "eval", i) for i in range(N_EVAL)] if split != "train" else []
+    return (train + held)[:n]
 
 
 def reference_answer(example: Example) -> str:
+    """The example's last assistant turn: what a prediction is scored against."""
     return next(t for r, t in reversed(example.turns) if r == "assistant")
 
 
 def score_builtin(predictions: list[str], references: list[str]) -> float:
-    """Exact match (after stripping whitespace) of each prediction's first line."""
+    """The fraction of predictions whose first line equals the reference (whitespace stripped at both
+    ends): 1.0 is every card exactly right. A greedy answer runs on after the card only if the model
+    did not learn to stop, so the first line is what counts."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return 0.0
     hits = sum(p.strip().split("\n")[0].strip() == r.strip() for p, r in zip(predictions, references))

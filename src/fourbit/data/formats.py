@@ -1,19 +1,24 @@
-"""Reading datasets and recognising their format.
+"""Reading datasets and recognising their format: rows in, `Example`s and a `DataReport` out.
 
-Every row becomes an `Example`: a list of turns (role, text) where role is "system", "user" or
-"assistant", or for plain text a single "text" turn. Formats, detected from the keys of the
-first rows (or forced with `format=`):
+Every row becomes an `Example`: a list of turns (role, text) with role "system", "user",
+"assistant", or for plain text a single "text" turn. Formats, detected per file from the keys of
+its first rows (or forced with `format=`):
 
-    alpaca   instruction, input (optional), output      -> ALPACA prompt templates (QLoRA §B)
-    oasst    text: "### Human: ... ### Assistant: ..."   -> alternating turns (Guanaco, OASST1)
-    chat     messages: [{role, content}, ...]           -> turns as given (tokenizer's chat template)
-    io       input, output                              -> one user turn, one assistant turn
-    text     text without ### markers                   -> continued pretraining, every token trained
+    alpaca   instruction, input (optional), output      -> the two ALPACA prompt templates (SPEC §8)
+    oasst    text: "### Human: ... ### Assistant: ..."   -> one (prompt, reply) pair per assistant turn
+    chat     messages: [{role, content}, ...]           -> turns as given, rendered later with the
+             (or ShareGPT conversations: [{from, value}])  tokenizer's chat template
+    io       input|prompt, output|completion|response   -> the input verbatim, then the output
+    text     text (no "### Human:" markers)             -> continued pretraining, every token trained
 
-Sources: a .json/.jsonl/.csv/.parquet file, a directory of such files, the word `builtin`
-(fourbit's demo task), or a hub dataset name through the optional `datasets` package. Rows with
-missing or empty fields are skipped and reported with file:line (or raise, with
-on_bad_row="error").
+Sources: a .json (a list of objects) / .jsonl / .csv / .parquet file, a directory of such files
+(recursively, sorted), the word `builtin` (fourbit's demo task, fourbit.data.builtin), or, when no
+such path exists, a hub dataset name `owner/name[:split]` loaded through the optional `datasets`
+package. Every row carries where it came from (`file:line`, `file:row N` for parquet) so bad rows
+are reported precisely; on_bad_row="skip" skips and reports them, "error" stops at the first.
+
+Refused on purpose: guessing field names beyond the aliases above (pass --format, or rename the
+columns), and reading pickled or custom-code datasets.
 """
 
 from __future__ import annotations
@@ -28,137 +33,238 @@ from fourbit.errors import UserError
 
 FORMATS = ("alpaca", "oasst", "chat", "io", "text")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+BAD_ROW_POLICIES = ("skip", "error")
 
+# QLoRA's ALPACA_PROMPT_DICT (SPEC §8), character for character; note the space after "### Response:".
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
 _OASST_TURN = re.compile(r"### (Human|Assistant):")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name or owner/name:split
+_IO_INPUT, _IO_OUTPUT = ("input", "prompt"), ("output", "completion", "response")
+_FORMAT_HELP = ("alpaca (instruction, input, output), oasst (text with '### Human:' / '### Assistant:'), "
+                "chat (messages: [{role, content}]), io (input/prompt, output/completion/response), text (text)")
 
 
 @dataclass
 class Example:
-    turns: list[tuple[str, str]]  # (role, text); roles: system, user, assistant, text
-    where: str = ""  # file:line, for messages
-    chat: bool = False  # render with the tokenizer's chat template
-    split: str | None = None  # a split assigned by the source (the builtin task), else None
+    """One training example before tokenization."""
+
+    turns: list[tuple[str, str]]  # (role, text); role: system | user | assistant | text
+    where: str = ""  # "file:line" of the row, for messages
+    chat: bool = False  # render with the tokenizer's chat template (else: the turns' text verbatim)
+    split: str | None = None  # "train"/"eval" when the source fixes the split (the builtin task), else None
 
 
 @dataclass
 class DataReport:
-    """What happened to the rows: read, used, skipped (and why), truncated."""
+    """What happened to the rows, for the run summary: read, used, skipped (why), truncated (why)."""
 
     source: str = ""
-    format: str = ""
-    rows: int = 0
-    skipped: list[str] = field(default_factory=list)  # "file:line: reason"
-    truncated: int = 0  # examples cut to fit the length limits
-    dropped_truncated: int = 0  # examples left with no target token at all (not used)
-    used: int = 0
+    format: str = ""  # the detected (or forced) format; "alpaca+io" when a directory mixes files
+    rows: int = 0  # rows read
+    used: int = 0  # examples parsed, minus those that truncation emptied (tokenize_examples)
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason", one per bad row
+    truncated: int = 0  # examples cut to fit source/target max lengths (still used)
+    truncated_examples: list[str] = field(default_factory=list)  # "file:line: what was cut"
+    dropped_truncated: int = 0  # examples dropped at tokenization: no response token left after
+    dropped_examples: list[str] = field(default_factory=list)  # truncation, or the chat template refused them
+
+    notes: list[str] = field(default_factory=list)  # e.g. "no chat template: ..."
 
     def summary(self) -> str:
+        """One line for the trainer's log."""
         s = f"{self.rows} rows ({self.format}) from {self.source}: {self.used} used"
         if self.skipped:
             s += f", {len(self.skipped)} skipped (e.g. {self.skipped[0]})"
         if self.truncated:
-            s += f", {self.truncated} truncated"
+            s += f", {self.truncated} truncated (e.g. {self.truncated_examples[0]})"
         if self.dropped_truncated:
-            s += f", {self.dropped_truncated} dropped because truncation left no response"
-        return s
+            s += f", {self.dropped_truncated} dropped (e.g. {self.dropped_examples[0]})"
+        return s + "".join(f"; {n}" for n in self.notes)
 
-    def as_dict(self) -> dict:
+    def details(self, limit: int = 10) -> str:
+        """The summary, then up to `limit` lines per kind of problem."""
+        lines = [self.summary()]
+        for title, items in (("skipped", self.skipped), ("truncated", self.truncated_examples),
+                             ("dropped", self.dropped_examples)):
+            lines += [f"  {title}: {x}" for x in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... {len(items) - limit} more {title}")
+        return "\n".join(lines)
+
+    def as_dict(self, limit: int = 20) -> dict:
+        """JSON-ready counts with the first `limit` reasons of each kind."""
         return {"source": self.source, "format": self.format, "rows": self.rows, "used": self.used,
-                "skipped": len(self.skipped), "skipped_examples": self.skipped[:20], "truncated": self.truncated,
-                "dropped_truncated": self.dropped_truncated}
+                "skipped": len(self.skipped), "skipped_examples": self.skipped[:limit],
+                "truncated": self.truncated, "truncated_examples": self.truncated_examples[:limit],
+                "dropped_truncated": self.dropped_truncated, "dropped_examples": self.dropped_examples[:limit],
+                "notes": list(self.notes)}
 
 
-# -- reading rows ---------------------------------------------------------------------------------
-def _read_file(path: Path) -> list[tuple[str, dict]]:
-    """(file:line, row) for every row of one file."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+# -- reading rows: (where, row) pairs ---------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[tuple[str, object]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rows.append((f"{path}:{i}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        return rows
-    if suffix == ".json":
+                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}). Each line of a .jsonl "
+                                f"file must be one JSON object; fix or delete that line") from None
+    return rows
+
+
+def _json_array(text: str, path: Path) -> list[tuple[str, object]] | None:
+    """The elements of a top-level JSON array with the line each starts on; None if not an array."""
+    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        return None
+    pos = ws.match(text, pos + 1).end()
+    rows, line, last = [], 1, 0
+    while not text.startswith("]", pos):
+        line, last = line + text.count("\n", last, pos), pos
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else None
-        if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of objects (or JSON lines in a .jsonl file)")
-        return [(f"{path}:[{i}]", r) for i, r in enumerate(data)]
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return [(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
-    if suffix == ".parquet":
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        rows.append((f"{path}:{line}", obj))
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            lineno = 1 + text.count("\n", 0, pos)
+            raise UserError(f"{path}:{lineno}: not valid JSON (expected ',' or ']' between list elements)")
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, object]]:
+    text = path.read_text(encoding="utf-8")
+    rows = _json_array(text, path)
+    if rows is not None:
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    lists = {k: v for k, v in data.items() if isinstance(v, list)} if isinstance(data, dict) else {}
+    if len(lists) != 1:  # {"data": [...]} or {"train": [...]} is fine; anything else is ambiguous
+        raise UserError(f"{path}: expected a JSON list of objects (or one key holding such a list, like "
+                        f'{{"train": [...]}}), got {type(data).__name__}'
+                        + (f" with list keys {sorted(lists)}" if lists else "")
+                        + "; for one object per line name the file .jsonl")
+    (key, items), = lists.items()
+    return [(f"{path}:{key}[{i}]", r) for i, r in enumerate(items)]
+
+
+def _read_csv(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        _ = reader.fieldnames  # reads the header
+        start = reader.line_num + 1
+        for r in reader:  # line_num counts physical lines, so quoted multi-line fields keep lines right
+            rows.append((f"{path}:{start}", {k: v for k, v in r.items() if k is not None}))
+            start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    except ImportError:
         try:
-            import pyarrow.parquet as pq
+            import pandas as pd
         except ImportError:
-            raise UserError(f"{path}: reading parquet needs pyarrow: pip install 'fourbit[data]'") from None
-        return [(f"{path}:[{i}]", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    raise UserError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
+            raise UserError(f"{path}: reading parquet needs pyarrow (or pandas): pip install 'fourbit[data]'") from None
+        records = pd.read_parquet(path).to_dict("records")
+    return [(f"{path}:row {i + 1}", r) for i, r in enumerate(records)]
 
 
-def read_rows(source: str) -> list[tuple[str, dict]]:
-    p = Path(source).expanduser()
-    if p.is_file():
-        return _read_file(p)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES)
-        if not files:
-            raise UserError(f"{p} holds no {'/'.join(SUFFIXES)} files")
-        return [row for f in files for row in _read_file(f)]
-    if "/" in source and not source.startswith((".", "/", "~")):
-        return _read_hub(source)
-    raise UserError(f"dataset {source!r} not found: no such file or directory (and not a hub name owner/name)")
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
-def _read_hub(name: str) -> list[tuple[str, dict]]:
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    try:
+        return reader(path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+
+
+def _read_hub(name: str) -> list[tuple[str, object]]:
+    repo, _, split = name.partition(":")
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{name!r} is not a local path; loading hub datasets needs `datasets`: "
-                        f"pip install 'fourbit[data]'") from None
+        raise UserError(f"{name!r} is not a local file or directory; loading it as a hub dataset needs the "
+                        f"`datasets` package: pip install 'fourbit[data]' (or give a local path)") from None
     try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # offline, unknown name: one message for the user
-        raise UserError(f"could not load dataset {name!r} from the hub ({type(e).__name__}: {str(e)[:200]})") from None
-    return [(f"{name}:[{i}]", dict(r)) for i, r in enumerate(ds)]
+        ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:  # offline, unknown name, no such split: one message for the user
+        raise UserError(f"{name!r} is not a local path, and loading it from the hub failed "
+                        f"({type(e).__name__}: {str(e)[:300]})") from None
+    return [(f"{name}:row {i + 1}", dict(r)) for i, r in enumerate(ds)]
 
 
-# -- recognising formats --------------------------------------------------------------------------
-def detect_format(rows: list[tuple[str, dict]], source: str) -> str:
-    keys: set[str] = set()
-    for _, r in rows[:20]:
-        if isinstance(r, dict):
-            keys |= set(r)
-    if "messages" in keys or "conversations" in keys:
+def read_files(source: str) -> dict[str, list[tuple[str, object]]]:
+    """{file (or hub name): [(where, row), ...]} for a file, a directory, or a hub dataset name."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        return {str(p): _read_file(p)}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
+        if not files:
+            raise UserError(f"directory {p} holds no {', '.join(SUFFIXES)} files")
+        return {str(f): _read_file(f) for f in files}
+    if _HUB_NAME.match(source) and p.suffix.lower() not in SUFFIXES:
+        return {source: _read_hub(source)}
+    raise UserError(f"dataset {source!r} not found: no such file or directory. Give a .json/.jsonl/.csv/.parquet "
+                    f"file, a directory of them, 'builtin', or a hub dataset name like owner/name")
+
+
+def read_rows(source: str) -> list[tuple[str, object]]:
+    """Every (where, row) of a source, files in sorted order."""
+    return [row for rows in read_files(source).values() for row in rows]
+
+
+# -- recognising formats ----------------------------------------------------------------------------
+def _first(row: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in row), None)
+
+
+def detect_format(rows: list[tuple[str, object]], source: str) -> str:
+    """The format whose keys the first 20 rows carry (see the module docstring), or a UserError."""
+    sample = [r for _, r in rows[:20] if isinstance(r, dict)]
+    keys = {str(k) for r in sample for k in r}
+    if any(isinstance(r.get("messages", r.get("conversations")), list) for r in sample):
         return "chat"
     if {"instruction", "output"} <= keys:
         return "alpaca"
-    if {"input", "output"} <= keys:
+    if keys & set(_IO_INPUT) and keys & set(_IO_OUTPUT):
         return "io"
     if "text" in keys:
-        sample = [r.get("text") for _, r in rows[:20] if isinstance(r, dict)]
-        return "oasst" if any(isinstance(t, str) and _OASST_TURN.search(t) for t in sample) else "text"
-    raise UserError(f"{source}: rows with keys {sorted(keys)} match no known format. Known formats: alpaca "
-                    f"(instruction, input, output), oasst (text with '### Human:'/'### Assistant:'), chat "
-                    f"(messages: [{{role, content}}]), io (input, output), text (text); pass --format to choose")
+        texts = [r.get("text") for r in sample]
+        return "oasst" if any(isinstance(t, str) and _OASST_TURN.search(t) for t in texts) else "text"
+    found = f"rows with keys {sorted(keys)}" if sample else \
+        f"rows of type {sorted({type(r).__name__ for _, r in rows[:20]})}"
+    raise UserError(f"{source}: {found} match no known format. Known formats: {_FORMAT_HELP}. Rename the "
+                    f"fields, or pass --format to choose one")
 
 
-def _nonempty(row: dict, key: str) -> str:
+def _text_field(row: dict, key: str) -> str:
     v = row.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)  # numeric answers ("output": 42) are text too
     if v is None or (isinstance(v, str) and not v.strip()):
         raise ValueError(f"missing or empty field {key!r}")
     if not isinstance(v, str):
@@ -167,89 +273,110 @@ def _nonempty(row: dict, key: str) -> str:
 
 
 def _alpaca(row: dict) -> Example:
-    inst, out = _nonempty(row, "instruction"), _nonempty(row, "output")
-    inp = row.get("input") or ""
-    prompt = ALPACA_WITH_INPUT.format(instruction=inst, input=inp) if str(inp).strip() else \
+    inst, out = _text_field(row, "instruction"), _text_field(row, "output")
+    inp = row.get("input")
+    inp = "" if inp is None else str(inp)
+    prompt = ALPACA_WITH_INPUT.format(instruction=inst, input=inp) if inp.strip() else \
         ALPACA_NO_INPUT.format(instruction=inst)
     return Example([("user", prompt), ("assistant", out)])
 
 
 def _oasst(row: dict) -> Example:
-    """'### Human: q ### Assistant: a ...': the markers and human text are prompt, each reply a target."""
-    pieces = _OASST_TURN.split(_nonempty(row, "text"))  # ['', 'Human', ' q ', 'Assistant', ' a', ...]
+    """'### Human: q### Assistant: a### Human: ...': everything up to and including each
+    '### Assistant:' marker is prompt, each non-empty reply (up to the next marker) a response."""
+    pieces = _OASST_TURN.split(_text_field(row, "text"))  # ['', 'Human', ' q', 'Assistant', ' a', ...]
     turns, prompt = [], pieces[0]
     for role, body in zip(pieces[1::2], pieces[2::2]):
-        if role == "Human":
-            prompt += f"### Human:{body}"
-        elif body.strip():
+        if role == "Assistant" and body.strip():
             turns += [("user", prompt + "### Assistant:"), ("assistant", body)]
             prompt = ""
+        else:  # a human turn, or an empty reply: kept verbatim as prompt text
+            prompt += f"### {role}:{body}"
     if not turns:
-        raise ValueError("no '### Assistant:' reply in text")
+        raise ValueError("no '### Assistant:' reply in field 'text'")
     return Example(turns)  # a trailing human turn without a reply is not trained on
 
 
+_ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+
 def _chat(row: dict) -> Example:
-    msgs = row.get("messages", row.get("conversations"))
+    key = "conversations" if "conversations" in row and "messages" not in row else "messages"
+    msgs = row.get(key)
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError("missing or empty 'messages' list")
+        raise ValueError(f"missing or empty list {key!r}")
     turns = []
-    for m in msgs:
+    for j, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise ValueError("each message must be an object with role and content")
-        role = m.get("role", m.get("from"))
-        role = {"human": "user", "gpt": "assistant"}.get(role, role)
-        content = m.get("content", m.get("value"))
-        if role not in ("system", "user", "assistant") or not isinstance(content, str) or not content.strip():
-            raise ValueError(f"message with role {role!r} and content {str(content)[:30]!r}: expected role "
-                             f"system/user/assistant and non-empty text")
+            raise ValueError(f"{key}[{j}] must be an object with role and content, got {type(m).__name__}")
+        role, content = _ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value"))
+        if role is None:
+            raise ValueError(f"{key}[{j}] has role {m.get('role', m.get('from'))!r}; expected system, user or "
+                             f"assistant")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"{key}[{j}] ({role}) has missing or empty content")
         turns.append((role, content))
     if not any(r == "assistant" for r, _ in turns):
-        raise ValueError("no assistant message")
+        raise ValueError(f"no assistant message in {key!r}")
     return Example(turns, chat=True)
 
 
 def _io(row: dict) -> Example:
-    return Example([("user", _nonempty(row, "input")), ("assistant", _nonempty(row, "output"))])
+    src, tgt = _first(row, _IO_INPUT) or "input", _first(row, _IO_OUTPUT) or "output"
+    return Example([("user", _text_field(row, src)), ("assistant", _text_field(row, tgt))])
 
 
 def _text(row: dict) -> Example:
-    return Example([("text", _nonempty(row, "text"))])
+    return Example([("text", _text_field(row, "text"))])
 
 
 PARSERS = {"alpaca": _alpaca, "oasst": _oasst, "chat": _chat, "io": _io, "text": _text}
 
 
+def parse_rows(rows: list[tuple[str, object]], format: str, on_bad_row: str, report: DataReport) -> list[Example]:
+    """Rows -> Examples in one format; bad rows go to report.skipped (or raise, on_bad_row='error')."""
+    out = []
+    for where, row in rows:
+        try:
+            if not isinstance(row, dict):
+                raise ValueError(f"expected an object with fields, got {type(row).__name__}")
+            ex = PARSERS[format](row)
+        except ValueError as e:
+            if on_bad_row == "error":
+                raise UserError(f"{where}: {e} (as format {format}). Fix the row, or pass --on-bad-row skip to "
+                                f"skip such rows") from None
+            report.skipped.append(f"{where}: {e}")
+            continue
+        ex.where = where
+        out.append(ex)
+    return out
+
+
 def load_examples(source: str, format: str = "auto", on_bad_row: str = "skip") -> tuple[list[Example], DataReport]:
-    """Read `source` into Examples; bad rows are skipped and reported (or raise, on_bad_row='error')."""
+    """Read `source` (file, directory, 'builtin' or hub name) into Examples and a DataReport.
+
+    format: "auto" (detected per file) or one of FORMATS. on_bad_row: "skip" (report file:line and
+    go on) or "error" (stop with a UserError at the first bad row). Raises UserError when the source
+    is missing, empty, in no known format, or has no usable row.
+    """
+    if format != "auto" and format not in PARSERS:
+        raise UserError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise UserError(f"on_bad_row must be skip or error, got {on_bad_row!r}")
     if source == "builtin":
         from fourbit.data.builtin import builtin_examples
 
         ex = builtin_examples()
         return ex, DataReport(source="builtin", format="chat", rows=len(ex), used=len(ex))
-    rows = read_rows(source)
-    if not rows:
-        raise UserError(f"dataset {source} is empty: no rows to train on")
-    if format == "auto":
-        format = detect_format(rows, source)
-    if format not in PARSERS:
-        raise UserError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
-    report = DataReport(source=source, format=format, rows=len(rows))
-    out = []
-    for where, row in rows:
-        try:
-            if not isinstance(row, dict):
-                raise ValueError(f"expected an object, got {type(row).__name__}")
-            ex = PARSERS[format](row)
-        except ValueError as e:
-            if on_bad_row == "error":
-                raise UserError(f"{where}: {e} (pass --on-bad-row skip to skip such rows)") from None
-            report.skipped.append(f"{where}: {e}")
-            continue
-        ex.where = where
-        out.append(ex)
+    files = read_files(source)
+    n_rows = sum(len(rows) for rows in files.values())
+    if n_rows == 0:
+        raise UserError(f"dataset {source} is empty: {len(files)} file(s) and no rows to train on")
+    formats = {f: format if format != "auto" else detect_format(rows, f) for f, rows in files.items() if rows}
+    report = DataReport(source=source, format="+".join(sorted(set(formats.values()))), rows=n_rows)
+    out = [ex for f, fmt in formats.items() for ex in parse_rows(files[f], fmt, on_bad_row, report)]
     if not out:
-        raise UserError(f"no usable rows in {source} as format {format}: all {len(rows)} were skipped, e.g. "
-                        f"{report.skipped[0] if report.skipped else '?'}")
+        raise UserError(f"no usable rows in {source} (format {report.format}): all {n_rows} rows were skipped, "
+                        f"e.g. {report.skipped[0]}. Check the field names, or pass --format")
     report.used = len(out)
     return out, report
