@@ -1,21 +1,37 @@
 """Triton kernels for CUDA: 4-bit dequantization (double quantization resolved in the same pass),
 quantization, and a fused 4-bit matrix-vector product for batch-1 generation.
 
-Each must match the pure-torch reference in fourbit.quant.blockwise: dequantization and
-quantization bit for bit, gemv within float32 summation-order tolerance. The tests run them on
-CPU under TRITON_INTERPRET=1 (tests/test_kernels_triton.py); on a GPU `bench/gpu.py` checks them
-at real sizes against the reference and bitsandbytes and times them.
+    dequantize_4bit(packed, state, dtype, out)      -> W of state.shape     bit-identical to the reference
+    quantize_4bit(x, quant_type, blocksize, rounding) -> (packed, absmax)   bit-identical to the reference
+    gemv_4bit(x, packed, state)                     -> x @ W^T              float32 accumulation
+
+`fourbit.quant.blockwise` dispatches CUDA tensors here when `available()`; the pure-torch
+reference there (`_quant4_reference`, `_dequant4_reference`) is what every kernel must match.
+tests/test_kernels_triton.py runs all of them on CPU under TRITON_INTERPRET=1; `bench/gpu.py`
+checks them at real sizes against the reference and bitsandbytes on a GPU, and times them.
+
+# Note: Pair table
+Dequantization is memory-bound only if the arithmetic per element stays small: at ~3 TB/s an
+H100 must turn out ~1.2e12 bf16 elements per second, and with two gathers of `code[nibble]`
+(each a 64-bit address computation plus a load) and the nibble shifts, issue slots ran out
+first (17 SASS instructions per element, ~70% of copy bandwidth measured). Instead each packed
+byte indexes a 256-entry table of int64 pairs (code[hi] in the low half, code[lo] in the high
+half, built once per code book on the device), so one 8-byte gather yields both values of a
+byte: ~8 instructions per element (counted in the sm_90 SASS of the compiled kernel).
 
 # Note: Exact float arithmetic
 The reference rounds twice when resolving double quantization (dyn[q8] * absmax2, then + offset)
 and computes 1 / absmax correctly rounded. Triton would fuse the first into an FMA and use an
-approximate reciprocal, so the kernels are compiled with `enable_fp_fusion=False` and divide with
-`div_rn`. The float32 -> bf16/fp16 casts round to nearest even, like torch's.
+approximate reciprocal, so the exact kernels are compiled with `enable_fp_fusion=False` and
+divide with `div_rn`. float32 -> fp16/bf16 rounds to nearest even, like torch. The interpreter's
+own bf16 cast truncates, so under TRITON_INTERPRET=1 the kernels round to bf16 with integer ops
+(the same result as the GPU's cvt.rn.bf16.f32, which the GPU path uses).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from functools import lru_cache
 
 import torch
@@ -42,76 +58,111 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _to_bf16(y):
-        """float32 -> bfloat16, round to nearest even, spelled out in integer ops (the interpreter's
-        own cast truncates; on GPUs this compiles to the same result as cvt.rn)."""
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    def _round(y, OUT: tl.constexpr, INTERP: tl.constexpr):
+        """float32 -> the output dtype (0 fp32, 1 bf16, 2 fp16), round to nearest even."""
+        if OUT == 1:
+            if INTERP:  # the interpreter's cast truncates: spell RNE out in integer ops
+                bits = y.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            else:
+                y = y.to(tl.bfloat16)
+        elif OUT == 2:
+            y = y.to(tl.float16)
+        return y
 
     @triton.jit
     def _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS: tl.constexpr, DQ: tl.constexpr, mask):
+        """float32 scale of block(s) `blk`: absmax, or dyn[q8] * absmax2 + offset (two roundings)."""
         if DQ:
-            q8 = tl.load(q8_ptr + blk, mask=mask, other=0).to(tl.int32)
+            q8 = tl.load(q8_ptr + blk, mask=mask, other=0)
             s = tl.load(code2_ptr + q8, mask=mask, other=0.0) * tl.load(absmax_ptr + blk // NESTED_BS, mask=mask,
                                                                         other=0.0)
             return s + offset
         return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
 
     @triton.jit
-    def _dequant_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, q8_ptr, code2_ptr, offset,
-                        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
-                        ROWS: tl.constexpr):
-        """ROWS quantization blocks per program, as a (ROWS, BLOCKSIZE / 2) tile of bytes: each byte
-        is read once, each block's scale once, and the two nibbles are interleaved on store."""
-        BB: tl.constexpr = BLOCKSIZE // 2
-        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
-        boffs = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # (R, BB) byte indices
-        bmask = boffs < (n + 1) // 2
-        byte = tl.load(packed_ptr + boffs, mask=bmask, other=0).to(tl.int32)
-        s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, blk * BLOCKSIZE < n)  # (R,)
-        hi = tl.load(code_ptr + (byte >> 4)) * s[:, None]  # float32 products, rounded once below
-        lo = tl.load(code_ptr + (byte & 15)) * s[:, None]
-        y = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE))  # element 2i = high nibble of byte i
-        if OUT == 1:
-            y = _to_bf16(y)
-        elif OUT == 2:
-            y = y.to(tl.float16)
-        offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-        tl.store(out_ptr + offs, y, mask=offs < n)
+    def _unpair(v):
+        """int64 pair-table entries -> (code of the high nibble, code of the low nibble), float32."""
+        hi = v.to(tl.int32).to(tl.float32, bitcast=True)  # truncation keeps the low 32 bits
+        lo = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return hi, lo
 
     @triton.jit
-    def _quant_kernel(x_ptr, packed_ptr, absmax_ptr, mids_ptr, order_ptr, n, ZERO_CODE: tl.constexpr,
-                      BLOCKSIZE: tl.constexpr, NB: tl.constexpr):
-        """NB quantization blocks per program; nearest level by counting midpoints below x (ties low)."""
+    def _dequant_kernel(packed_ptr, absmax_ptr, pairs_ptr, out_ptr, n, nbytes, nblocks, q8_ptr, code2_ptr, offset,
+                        BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
+                        ROWS: tl.constexpr, EVEN: tl.constexpr, INTERP: tl.constexpr):
+        """ROWS quantization blocks per program as a (ROWS, BLOCKSIZE / 2) tile of bytes: each byte
+        read once (16-byte loads), one pair gather per byte, each block's scale once. EVEN: n is a
+        multiple of the blocksize, so whole rows are in or out (masks constant along a row keep
+        the loads and stores vectorized)."""
+        BB: tl.constexpr = BLOCKSIZE // 2
+        blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (R,)
+        bm = blk < nblocks
+        boffs = blk[:, None] * BB + tl.arange(0, BB)[None, :]  # (R, BB) byte index
+        offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (R, BS) element index
+        if EVEN:
+            lmask = bm[:, None]
+            smask = bm[:, None]
+        else:
+            lmask = boffs < nbytes
+            smask = offs < n
+        byte = tl.load(packed_ptr + boffs, mask=lmask, other=0)  # (R, BB) uint8
+        s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, bm)  # (R,)
+        hi, lo = _unpair(tl.load(pairs_ptr + byte))  # (R, BB) each
+        y = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE)) * s[:, None]  # element 2i = high nibble of byte i
+        tl.store(out_ptr + offs, _round(y, OUT, INTERP), mask=smask)
+
+    @triton.jit
+    def _quant_kernel(x_ptr, packed_ptr, absmax_ptr, mids_ptr, order_ptr, n, nbytes, nblocks,
+                      ZERO_CODE: tl.constexpr, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, EVEN: tl.constexpr,
+                      CPU_RULE: tl.constexpr):
+        """NB quantization blocks per program; nearest level by counting midpoints below x (ties low).
+        CPU_RULE: bitsandbytes' CPU choices (absmax clamped to 1e-38, the partial last block
+        divided by absmax instead of multiplied by its reciprocal, no special code for zero blocks)."""
         blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # (NB,)
-        col = tl.arange(0, BLOCKSIZE)  # (BS,)
-        offs = blk[:, None] * BLOCKSIZE + col[None, :]  # (NB, BS)
+        offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)  # (NB,)
-        tl.store(absmax_ptr + blk, amax, mask=blk * BLOCKSIZE < n)
-        r = tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), amax)
-        y = x * r[:, None]
+        # a NaN must poison its block like torch's amax does (blockwise.quantize_4bit then refuses
+        # the weight); the GPU max instruction would drop it
+        amax = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), amax)
+        one = tl.full(amax.shape, 1.0, tl.float32)
+        if CPU_RULE:
+            denom = tl.where(amax == 0, 1e-38, amax)
+            y = x * tl.math.div_rn(one, denom)[:, None]
+            if not EVEN:  # the partial last block: x / absmax
+                last = (blk == nblocks - 1)[:, None]
+                y = tl.where(last, tl.math.div_rn(x, tl.broadcast_to(denom[:, None], x.shape)), y)
+                amax = tl.where(blk == nblocks - 1, denom, amax)
+        else:
+            y = x * tl.math.div_rn(one, amax)[:, None]  # all-zero block: 0 * inf = NaN, coded 0 below
+        tl.store(absmax_ptr + blk, amax, mask=blk < nblocks)
         cnt = tl.zeros((NB, BLOCKSIZE), dtype=tl.int32)
         for k in tl.static_range(15):
             cnt += (y > tl.load(mids_ptr + k)).to(tl.int32)
         q = tl.load(order_ptr + cnt).to(tl.int32)
-        q = tl.where((amax == 0)[:, None], 0, q)  # CUDA rule: an all-zero block codes 0
+        if not CPU_RULE:
+            q = tl.where((amax == 0)[:, None], 0, q)  # CUDA rule: an all-zero block codes 0
         q = tl.where(mask, q, ZERO_CODE)  # pad an odd tail with the code of 0.0
         hi, lo = tl.split(tl.reshape(q, (NB, BLOCKSIZE // 2, 2)))
         byte = (hi << 4) | lo
         boffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
-        tl.store(packed_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 1) // 2)
+        if EVEN:
+            bmask = (blk < nblocks)[:, None]
+        else:
+            bmask = boffs < nbytes
+        tl.store(packed_ptr + boffs, byte.to(tl.uint8), mask=bmask)
 
     @triton.jit
-    def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, y_ptr, N, K, q8_ptr, code2_ptr, offset,
+    def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, pairs_ptr, y_ptr, N, K, q8_ptr, code2_ptr, offset,
                      BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, OUT: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, INTERP: tl.constexpr):
         """y[o] = sum_k x[k] W[o, k], W (N, K) packed row-major, K a multiple of the blocksize (rows
         start on block boundaries); float32 accumulation. Each program owns BLOCK_N rows and walks
-        K in tiles of GROUPS quantization blocks: (BLOCK_N, GROUPS, BLOCKSIZE / 2) bytes, one scale
-        per (row, group)."""
+        K in tiles of GROUPS quantization blocks: (BLOCK_N, GROUPS, BLOCKSIZE / 2) bytes, one pair
+        gather per byte, each block summed unscaled and then multiplied by its scale."""
         BB: tl.constexpr = BLOCKSIZE // 2
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
         g = tl.arange(0, GROUPS)
@@ -126,66 +177,93 @@ if triton is not None:
             s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, gm)  # (BN, G)
             col = gb[:, None] * BB + j[None, :]  # (G, BB) byte column within the row
             byte = tl.load(packed_ptr + rows[:, None, None] * half + col[None, :, :], mask=gm[:, :, None],
-                           other=0).to(tl.int32)  # (BN, G, BB)
-            xm = (gb < nblk_row)[:, None]
-            xe = tl.load(x_ptr + 2 * col, mask=xm, other=0.0).to(tl.float32)  # (G, BB) even elements
-            xo = tl.load(x_ptr + 2 * col + 1, mask=xm, other=0.0).to(tl.float32)
-            part = tl.load(code_ptr + (byte >> 4)) * xe[None] + tl.load(code_ptr + (byte & 15)) * xo[None]
+                           other=0)  # (BN, G, BB)
+            hi, lo = _unpair(tl.load(pairs_ptr + byte))
+            xm = (gb < nblk_row)[:, None, None]
+            x2 = tl.load(x_ptr + 2 * col[:, :, None] + tl.arange(0, 2)[None, None, :], mask=xm, other=0.0)
+            xe, xo = tl.split(x2.to(tl.float32))  # (G, BB): x at the high / low nibble of each byte
+            part = hi * xe[None] + lo * xo[None]
             acc += tl.sum(tl.sum(part, axis=2) * s, axis=1)
-        if OUT == 1:
-            out = _to_bf16(acc)
-        elif OUT == 2:
-            out = acc.to(tl.float16)
-        else:
-            out = acc
-        tl.store(y_ptr + rows, out, mask=rows < N)
+        tl.store(y_ptr + rows, _round(acc, OUT, INTERP), mask=rows < N)
+
+
+# -- pair tables (see Note: Pair table) ------------------------------------------------------------
+_PAIRS_BY_CODE: dict[int, tuple] = {}  # id(code) -> (weakref(code), code._version, table)
+_PAIRS_BY_VALUE: dict[tuple, torch.Tensor] = {}  # (device, 16 code values) -> table
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 [256] on code's device: entry b holds code[b >> 4] (low 32 bits) and code[b & 15]
+    (high 32 bits) as float32 bit patterns. Cached per code tensor (an in-place change to it is
+    noticed through its version counter) and shared between equal code books."""
+    hit = _PAIRS_BY_CODE.get(id(code))
+    if hit is not None and hit[0]() is code and hit[1] == code._version:
+        return hit[2]
+    values = tuple(code.detach().float().cpu().tolist())  # one host sync per new code tensor
+    key = (str(code.device), values)
+    table = _PAIRS_BY_VALUE.get(key)
+    if table is None:
+        c = torch.tensor(values, dtype=torch.float32)
+        b = torch.arange(256)
+        pairs = torch.stack([c[b >> 4], c[b & 15]], dim=1).contiguous()  # (256, 2) float32
+        table = _PAIRS_BY_VALUE[key] = pairs.view(torch.int64).view(256).to(code.device)
+    key_id = id(code)
+    _PAIRS_BY_CODE[key_id] = (weakref.ref(code, lambda _, k=key_id: _PAIRS_BY_CODE.pop(k, None)), code._version,
+                              table)
+    return table
 
 
 def _dq_args(state):
+    """(absmax-or-absmax2, q8, dynamic map, offset, nested blocksize, DQ) for the kernels."""
     if state.nested is None:
         return state.absmax, state.absmax, state.absmax, 0.0, 1, False  # unused DQ pointers: any tensor
     n = state.nested
     return n.absmax, state.absmax, n.code, float(n.offset), n.blocksize, True
 
 
+# -- public functions -----------------------------------------------------------------------------
 def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.Tensor | None = None,
-                    block_bytes: int = 4096, num_warps: int = 8) -> torch.Tensor:
-    """Triton dequantization of flat uint8 `packed` into `out` (allocated when None)."""
-    n = state.numel
+                    block_bytes: int = 2048, num_warps: int | None = None) -> torch.Tensor:
+    """Dequantize flat uint8 `packed` into `out` (allocated when None), a tensor of state.shape.
+
+    Each program covers `block_bytes` packed bytes (whole quantization blocks); the default
+    `num_warps` gives every thread one 16-byte load."""
+    n, bs = state.numel, state.blocksize
     out = torch.empty(state.shape, dtype=dtype, device=packed.device) if out is None else out
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
-    rows = max(1, block_bytes // (state.blocksize // 2))
-    _dequant_kernel[(triton.cdiv(triton.cdiv(n, state.blocksize), rows),)](
-        packed, absmax, state.code, out, n, q8, code2, offset, BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq,
-        OUT=_OUT[dtype], ROWS=rows, enable_fp_fusion=False, num_warps=num_warps)
+    rows = max(1, block_bytes // (bs // 2))
+    nblocks = -(-n // bs)
+    warps = num_warps or max(1, min(8, rows * (bs // 2) // 512))
+    _dequant_kernel[(-(-nblocks // rows),)](
+        packed, absmax, pair_table(state.code), out, n, (n + 1) // 2, nblocks, q8, code2, offset, BLOCKSIZE=bs,
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[dtype], ROWS=rows, EVEN=n % bs == 0, INTERP=interpreting(),
+        enable_fp_fusion=False, num_warps=warps)
     return out
 
 
 def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: str):
-    """(packed uint8 [(n+1)//2], absmax float32 [nblocks]) with the 'nearest' (CUDA) rule."""
-    from fourbit.quant.blockwise import _quant4_reference, _zero_code
+    """(packed uint8 [(n+1)//2], absmax float32 [nblocks]) like `_quant4_reference`, both rules."""
+    from fourbit.quant.blockwise import _zero_code
     from fourbit.quant.codebook import quantize_bounds
 
-    if rounding != "nearest":  # bitsandbytes' CPU rule is for reproducing CPU files: use the reference
-        return _quant4_reference(x, quant_type, blocksize, rounding)
     n = x.numel()
-    nblocks = triton.cdiv(n, blocksize)
+    nblocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     mids, order = quantize_bounds(quant_type, x.device)
     nb = max(1, min(16, 2048 // blocksize))
-    _quant_kernel[(triton.cdiv(nblocks, nb),)](x.reshape(-1), packed, absmax, mids, order, n,
-                                               ZERO_CODE=_zero_code(quant_type, "cpu"), BLOCKSIZE=blocksize, NB=nb,
-                                               enable_fp_fusion=False)
+    _quant_kernel[(-(-nblocks // nb),)](
+        x.reshape(-1), packed, absmax, mids, order, n, (n + 1) // 2, nblocks, ZERO_CODE=_zero_code(quant_type, "cpu"),
+        BLOCKSIZE=blocksize, NB=nb, EVEN=n % blocksize == 0, CPU_RULE=rounding == "bnb-cpu", enable_fp_fusion=False)
     return packed, absmax
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 8, groups: int = 8,
               num_warps: int = 4) -> torch.Tensor | None:
-    """x (K,) or (1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns (N,) or (1, N).
-    None when K is not a multiple of the blocksize (rows would not start on a block): the caller
-    dequantizes instead. Sums per block first, then scales: equal to the dequantized product up to
-    float32 summation order."""
+    """x (K,) or (1, K) or (1, 1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns
+    x's shape with K replaced by N, in x's dtype. None when K is not a multiple of the blocksize
+    (rows would not start on a block): the caller dequantizes instead. Sums per block first, then
+    scales: equal to the dequantized product up to float32 summation order."""
     n_out, k = state.shape
     if k % state.blocksize:
         return None
@@ -194,8 +272,8 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 8, gr
         raise ValueError(f"gemv_4bit: x has {xv.numel()} elements, W has {k} columns")
     y = torch.empty(n_out, dtype=x.dtype, device=x.device)
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
-    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        xv, packed.reshape(-1), absmax, state.code, y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
-        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, enable_fp_fusion=False,
-        num_warps=num_warps)
+    _gemv_kernel[(-(-n_out // block_n),)](
+        xv, packed.reshape(-1), absmax, pair_table(state.code), y, n_out, k, q8, code2, offset,
+        BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups,
+        INTERP=interpreting(), num_warps=num_warps)
     return y.view(*x.shape[:-1], n_out)
