@@ -3,9 +3,9 @@
 A checkpoint is a directory `checkpoint-<step>` holding
     adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT format)
     optimizer.safetensors                            optimizer state tensors, keyed state/<param>/<name>
-    rng.safetensors                                  torch (and CUDA) generator states
+    rng-<rank>.safetensors, rng-<rank>.json          each rank's torch (CUDA) and Python RNG states
     trainer_state.json                               step, data position, scheduler, optimizer scalars,
-                                                     Python's random state, the run's config
+                                                     world size, the run's config
 It is written into a hidden temporary directory and renamed into place, so a directory named
 `checkpoint-<step>` is always complete: a run killed while saving leaves the previous one intact.
 Nothing is pickled; loading reads safetensors and JSON only.
@@ -69,26 +69,39 @@ def set_rng_state(tensors: dict[str, torch.Tensor], py: list) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict,
                     keep: int = 2) -> Path:
-    """Write checkpoint-<step> atomically; keep the newest `keep` checkpoints."""
+    """Write checkpoint-<step> atomically; keep the newest `keep` checkpoints.
+
+    Called by every rank of a distributed run: each adds its own RNG state (rng-<rank>.*), rank 0
+    writes the rest (the LoRA parameters and optimizer state are the same on every rank) and
+    publishes the directory with one rename.
+    """
+    from fourbit import distributed as D
+
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
     rng_t, rng_py = rng_state()
-    save_file(rng_t, str(tmp / "rng.safetensors"))
-    state = {**trainer_state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-             "python_random": rng_py}
-    (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    save_file(rng_t, str(tmp / f"rng-{D.rank()}.safetensors"))
+    (tmp / f"rng-{D.rank()}.json").write_text(json.dumps(rng_py))
+    D.barrier()
+    if D.is_main():
+        save_adapter(model, tmp)
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+        state = {**trainer_state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                 "world_size": D.world()}
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
     return final
 
 
@@ -99,17 +112,22 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG from `path`; returns the trainer state dict."""
+    """Restore adapter, optimizer, scheduler and this rank's RNG from `path`; returns the trainer state."""
+    from fourbit import distributed as D
+    from fourbit.errors import UserError
+
     state = json.loads((path / STATE_NAME).read_text())
+    if state.get("world_size", 1) != D.world():
+        raise UserError(f"cannot resume from {path}: it was written by {state.get('world_size', 1)} process(es), "
+                        f"this run has {D.world()}; resume with the same number of processes")
     load_adapter(model, path, trainable=True)
     try:
         optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
                                                        state["optimizer"]))
     except ValueError as e:
-        from fourbit.errors import UserError
-
         raise UserError(f"cannot resume from {path}: its optimizer state does not fit this run ({e}). Resume with "
                         f"the settings the run started with (see {path / STATE_NAME})") from None
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["python_random"])
+    r = D.rank()
+    set_rng_state(load_file(str(path / f"rng-{r}.safetensors")), json.loads((path / f"rng-{r}.json").read_text()))
     return state

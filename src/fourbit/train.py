@@ -82,6 +82,8 @@ class TrainConfig:
     loss_chunk: int = field(default=512, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
     score_examples: int = field(default=32, metadata={"help": "builtin task: held-out examples scored before/after"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    dist_timeout: float = field(default=600.0, metadata={"help": "seconds a rank waits for the others (torchrun runs) "
+                                                                 "before failing"})
 
     def validate(self) -> list[str]:
         p = []
@@ -153,7 +155,10 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output(cfg: TrainConfig) -> Path:
-    """Refuse to write over another run unless --resume or --overwrite."""
+    """Refuse to write over another run unless --resume or --overwrite (checked by every rank;
+    rank 0 alone clears and creates the directory)."""
+    from fourbit import distributed as dd
+
     out = Path(cfg.output)
     has_run = out.exists() and any(out.iterdir())
     if has_run and not (cfg.resume or cfg.overwrite):
@@ -161,9 +166,12 @@ def prepare_output(cfg: TrainConfig) -> Path:
                         f"or --overwrite to start over")
     if cfg.resume and not has_run:
         raise UserError(f"--resume: {out} holds no run to resume")
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    dd.barrier()  # everyone has looked before rank 0 changes anything
+    if dd.is_main():
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    dd.barrier()
     return out
 
 
@@ -237,8 +245,11 @@ def epoch_batches(data: Data, cfg: TrainConfig, epoch: int) -> list[list[int]]:
     """The micro-batches (lists of example indices) of one epoch: a pure function of (seed, epoch)."""
     from fourbit import data as D
 
-    lengths = [len(e["input_ids"]) for e in data.train]
-    return D.batch_order(lengths, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
+    from fourbit import distributed as dd
+
+    lengths = [len(e["input_ids"]) for e in data.train]  # global micro-batches: batch_size x world examples
+    return D.batch_order(lengths, cfg.batch_size * dd.world(), seed=cfg.seed, epoch=epoch,
+                         group_by_length=cfg.group_by_length)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -251,18 +262,21 @@ def evaluate_loss(model, data: Data, cfg: TrainConfig, device: torch.device) -> 
     from fourbit import data as D
     from fourbit.loss import causal_lm_loss
 
+    from fourbit import distributed as dd
+
     if not data.eval:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(data.eval), cfg.batch_size):
-        b = to_device(D.collate(data.eval[i:i + cfg.batch_size], data.pad_id), device)
+    mine = data.eval[dd.rank()::dd.world()]  # each rank scores its share; the sums are added up below
+    for i in range(0, len(mine), cfg.batch_size):
+        b = to_device(D.collate(mine[i:i + cfg.batch_size], data.pad_id), device)
         loss_sum, n = causal_lm_loss(model, b["input_ids"], b["labels"], b.get("attention_mask"),
                                      b.get("position_ids"), num_tokens=1, chunk=cfg.loss_chunk or None)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
-    return total / max(count, 1)
+    return dd.sum_scalar(total, device) / max(dd.sum_scalar(count, device), 1)
 
 
 def memory_bytes(device: torch.device) -> int:
@@ -279,14 +293,17 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
     from tqdm.auto import tqdm
 
     from fourbit import data as D
+    from fourbit import distributed as dd
     from fourbit.checkpoint import list_checkpoints, save_checkpoint
     from fourbit.loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     step, epoch, cursor = start["step"], start["epoch"], start["cursor"]
     batches = epoch_batches(data, cfg, epoch)
-    tokens_seen, t0, last_loss = start.get("tokens", 0), time.perf_counter(), float("nan")
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    base_tokens, tokens_seen = start.get("tokens", 0), 0  # tokens: all ranks, all sessions; tokens_seen: ours
+    t0, last_loss = time.perf_counter(), float("nan")
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not dd.is_main())
     model.train()
     while step < total_steps:
         micro = []
@@ -294,9 +311,10 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
             if cursor >= len(batches):
                 epoch, cursor = epoch + 1, 0
                 batches = epoch_batches(data, cfg, epoch)
-            micro.append(D.collate([data.train[i] for i in batches[cursor]], data.pad_id))
+            micro.append(D.collate([data.train[i] for i in dd.my_share(batches[cursor])], data.pad_id))
             cursor += 1
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        # the token count of the whole (accumulated, all-rank) batch: see Note: Exactly one big batch
+        n_tokens = int(dd.sum_scalar(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), device))
         loss_sum = 0.0
         for b in micro:
             b = to_device(b, device)
@@ -305,6 +323,8 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
             loss.backward()
             loss_sum += float(loss.detach())
             tokens_seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        loss_sum = dd.sum_scalar(loss_sum, device)  # every rank sees the same loss (and NaN)
+        dd.sum_gradients(params)
         if not math.isfinite(loss_sum):
             kept = list_checkpoints(out)
             raise UserError(f"the loss became {loss_sum} at step {step + 1}; stopped without saving this step. "
@@ -316,22 +336,24 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
         step += 1
         last_loss = loss_sum
         elapsed = time.perf_counter() - t0
+        all_tokens = base_tokens + int(dd.sum_scalar(tokens_seen, device))  # every rank's tokens
         row = {"step": step, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": round(float(grad_norm), 6), "tokens": tokens_seen, "epoch": epoch,
-               "tokens_per_s": round((tokens_seen - start.get("tokens", 0)) / max(elapsed, 1e-9), 1),
+               "grad_norm": round(float(grad_norm), 6), "tokens": all_tokens, "epoch": epoch,
+               "tokens_per_s": round((all_tokens - base_tokens) / max(elapsed, 1e-9), 1),
                "memory_mb": round(memory_bytes(device) / 2**20)}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             row["eval_loss"] = evaluate_loss(model, data, cfg, device)
-        if step % cfg.logging_steps == 0 or "eval_loss" in row:
+        if (step % cfg.logging_steps == 0 or "eval_loss" in row) and dd.is_main():
             log(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                         mem=f"{row['memory_mb']}MB")
         bar.update(1)
-        state = {"epoch": epoch, "cursor": cursor, "tokens": tokens_seen, "config": asdict(cfg)}
+        state = {"epoch": epoch, "cursor": cursor, "tokens": all_tokens, "config": asdict(cfg)}
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
             save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
     bar.close()
-    state = {"epoch": epoch, "cursor": cursor, "tokens": tokens_seen, "config": asdict(cfg), "loss": last_loss}
+    state = {"epoch": epoch, "cursor": cursor, "tokens": base_tokens + int(dd.sum_scalar(tokens_seen, device)),
+             "config": asdict(cfg), "loss": last_loss}
     save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
     return {"step": step, **state}
 
@@ -412,17 +434,33 @@ def builtin_score(model, tokenizer, examples: list, device: torch.device, n: int
 
 # -- orchestration --------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> TrainResult:
-    """setup -> (score before) -> fit -> eval -> save adapter, summary, plot -> (score after)."""
+    """setup -> (score before) -> fit -> eval -> save adapter, summary, plot -> (score after).
+
+    Under torchrun every rank runs this; rank 0 alone prints, scores and writes (fourbit.distributed)."""
+    from fourbit import distributed as dd
+
+    dist_device = dd.init(cfg.dist_timeout)
+    try:
+        return _train(cfg, dist_device)
+    finally:
+        dd.shutdown()
+
+
+def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
+    from fourbit import distributed as dd
     from fourbit.checkpoint import list_checkpoints, load_checkpoint
     from fourbit.nn import save_adapter, trainable_summary
 
+    main = dd.is_main()
+    say = print if main else (lambda *a, **k: None)
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = _device(cfg)
+    device = dist_device or _device(cfg)
     out = prepare_output(cfg)
     seed_everything(cfg.seed)
-    model, tok = setup_model(cfg, device)
+    model, tok = setup_model(cfg, device)  # same LoRA init on every rank (seeded)
+    torch.manual_seed(cfg.seed + dd.rank())  # dropout differs per rank, like separate data
     data = setup_data(cfg, tok)
     per_epoch = len(epoch_batches(data, cfg, 0))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
@@ -437,38 +475,46 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise UserError(f"--resume: {out} has no complete checkpoint-<step> directory to resume from")
         start = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
         score_before = start.get("score_before")
-        print(f"resuming from {ckpts[-1]} (step {start['step']} of {total})")
-    elif is_builtin:
+        say(f"resuming from {ckpts[-1]} (step {start['step']} of {total})")
+    elif is_builtin and main:
         score_before = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
-        print(f"held-out score before training: {score_before:.1%}")
-    print(trainable_summary(model))
-    print(f"data: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} held-out examples, "
-          f"{per_epoch} micro-batches per epoch, {total} optimizer steps")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    log = MetricsLog(out, start["step"])
+        say(f"held-out score before training: {score_before:.1%}")
+    say(trainable_summary(model))
+    say(f"data: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} held-out examples, "
+        f"{per_epoch} micro-batches per epoch, {total} optimizer steps" +
+        (f", {dd.world()} processes" if dd.world() > 1 else ""))
+    log = None
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        log = MetricsLog(out, start["step"])
     try:
         start["score_before"] = score_before
         final = fit(model, data, cfg, out, device, optimizer, scheduler, start, total, log)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     eval_loss = evaluate_loss(model, data, cfg, device)
-    save_adapter(model, out, base_model_name_or_path=cfg.model)
-    score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples) if is_builtin else None
+    score_after = None
+    if main:
+        save_adapter(model, out, base_model_name_or_path=cfg.model)
+        score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples) if is_builtin else None
     summary = {
         "steps": final["step"], "final_loss": final.get("loss"), "eval_loss": eval_loss,
         "score_before": score_before, "score_after": score_after, "examples": data.report.as_dict(),
         "train_examples": len(data.train), "eval_examples": len(data.eval), "tokens": final["tokens"],
         "trainable": trainable_summary(model), "seconds": round(time.perf_counter() - t_start, 1),
-        "peak_memory_mb": round(memory_bytes(device) / 2**20), "device": str(device),
+        "peak_memory_mb": round(memory_bytes(device) / 2**20), "device": str(device), "processes": dd.world(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot = plot_losses(out)
-    print(f"done: {summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']:.4f}, "
-          f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}, peak memory "
-          f"{summary['peak_memory_mb']} MB; adapter in {out}" + (f", plot {plot}" if plot else ""))
-    if is_builtin:
-        print(f"held-out score: {score_before:.1%} before -> {score_after:.1%} after training")
-        print(f"try it: fourbit chat --adapter {out}")
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot = plot_losses(out)
+        say(f"done: {summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']:.4f}, "
+            f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}, peak memory "
+            f"{summary['peak_memory_mb']} MB; adapter in {out}" + (f", plot {plot}" if plot else ""))
+        if is_builtin:
+            say(f"held-out score: {score_before:.1%} before -> {score_after:.1%} after training")
+            say(f"try it: fourbit chat --adapter {out}")
+    dd.barrier()  # nobody leaves (and tears the group down) before rank 0 has written everything
     return TrainResult(out, final["step"], final.get("loss"), eval_loss, score_before, score_after, summary)
 
 
