@@ -126,3 +126,21 @@ def test_cuda_kernels_match_cpu(dtype):
     qc, sc = quantize_4bit(w.cuda(), double_quant=False)
     qr, sr = quantize_4bit(w, double_quant=False)
     assert torch.equal(qc.cpu(), qr) and torch.equal(sc.absmax.cpu(), sr.absmax)
+
+
+# -- the GPU benchmark script, checked on CPU before GPU time is spent on it ----------------------
+@requires_triton
+@pytest.mark.slow
+def test_gpu_bench_dry_run():
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, str(script), "--dry-run"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-3000:]
+    assert "failed" not in out.lower(), out[-4000:]
+    summary = out[out.index("# summary"):]
+    exact = [ln for ln in summary.splitlines() if "bit-exact" in ln or "== torch reference" in ln]
+    assert len(exact) == 8 and all("False" not in ln for ln in exact), "\n".join(exact)
+    loss = next(ln for ln in summary.splitlines() if "first-step loss" in ln).split("|")
+    assert abs(float(loss[3]) - float(loss[4])) < 1e-3, loss  # same tiny fp32 model, fourbit vs PEFT+bnb
