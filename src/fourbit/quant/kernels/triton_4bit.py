@@ -49,6 +49,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_INTERP = interpreting()  # fixed when triton is imported (the interpreter replaces triton.jit then)
+
+
 @lru_cache(maxsize=1)
 def available() -> bool:
     """Triton importable and a CUDA device present (the interpreter is for tests, not dispatch)."""
@@ -236,7 +239,7 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.
     warps = num_warps or max(1, min(8, rows * (bs // 2) // 512))
     _dequant_kernel[(-(-nblocks // rows),)](
         packed, absmax, pair_table(state.code), out, n, (n + 1) // 2, nblocks, q8, code2, offset, BLOCKSIZE=bs,
-        NESTED_BS=nbs, DQ=dq, OUT=_OUT[dtype], ROWS=rows, EVEN=n % bs == 0, INTERP=interpreting(),
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[dtype], ROWS=rows, EVEN=n % bs == 0, INTERP=_INTERP,
         enable_fp_fusion=False, num_warps=warps)
     return out
 
@@ -267,13 +270,14 @@ def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 8, gr
     n_out, k = state.shape
     if k % state.blocksize:
         return None
-    xv = x.reshape(-1)
-    if xv.numel() != k:
-        raise ValueError(f"gemv_4bit: x has {xv.numel()} elements, W has {k} columns")
-    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv_4bit: x has shape {list(x.shape)}, expected one row of {k} (W is {n_out}x{k})")
+    x = x if x.is_contiguous() else x.contiguous()
+    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
     _gemv_kernel[(-(-n_out // block_n),)](
-        xv, packed.reshape(-1), absmax, pair_table(state.code), y, n_out, k, q8, code2, offset,
-        BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups,
-        INTERP=interpreting(), num_warps=num_warps)
-    return y.view(*x.shape[:-1], n_out)
+        x, packed, absmax, pair_table(state.code), y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
+        NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, INTERP=_INTERP,
+        enable_fp_fusion=True, num_warps=num_warps)
+    return y
