@@ -127,10 +127,9 @@ if triton is not None:
         offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # (NB, BS)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)  # (NB,)
-        # a NaN must poison its block like torch's amax does (blockwise.quantize_4bit then refuses
-        # the weight); the GPU max instruction would drop it
-        amax = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), amax)
+        # (NB,); a NaN must poison its block like torch's amax does (blockwise.quantize_4bit then
+        # refuses the weight), but the GPU's max drops NaNs: add the block's sum of NaNs (else 0)
+        amax = tl.max(tl.abs(x), axis=1) + tl.sum(tl.where(x != x, x, 0.0), axis=1)
         one = tl.full(amax.shape, 1.0, tl.float32)
         if CPU_RULE:
             denom = tl.where(amax == 0, 1e-38, amax)
