@@ -112,7 +112,7 @@ if triton is not None:
             smask = offs < n
         byte = tl.load(packed_ptr + boffs, mask=lmask, other=0)  # (R, BB) uint8
         s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, bm)  # (R,)
-        hi, lo = _unpair(tl.load(pairs_ptr + byte))  # (R, BB) each
+        hi, lo = _unpair(tl.load(pairs_ptr + byte.to(tl.int32)))  # (R, BB) each
         y = tl.reshape(tl.join(hi, lo), (ROWS, BLOCKSIZE)) * s[:, None]  # element 2i = high nibble of byte i
         tl.store(out_ptr + offs, _round(y, OUT, INTERP), mask=smask)
 
@@ -180,7 +180,7 @@ if triton is not None:
             col = gb[:, None] * BB + j[None, :]  # (G, BB) byte column within the row
             byte = tl.load(packed_ptr + rows[:, None, None] * half + col[None, :, :], mask=gm[:, :, None],
                            other=0)  # (BN, G, BB)
-            hi, lo = _unpair(tl.load(pairs_ptr + byte))
+            hi, lo = _unpair(tl.load(pairs_ptr + byte.to(tl.int32)))
             xm = (gb < nblk_row)[:, None, None]
             x2 = tl.load(x_ptr + 2 * col[:, :, None] + tl.arange(0, 2)[None, None, :], mask=xm, other=0.0)
             xe, xo = tl.split(x2.to(tl.float32))  # (G, BB): x at the high / low nibble of each byte
