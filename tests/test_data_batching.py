@@ -109,7 +109,8 @@ def test_pack_examples_layout():
     assert packs[0]["labels"][:7] == exs[0]["labels"] and packs[0]["labels"][8:19] == exs[1]["labels"][1:]
     assert packs[0]["labels"][7] == IGNORE and packs[0]["labels"][19] == IGNORE  # boundaries never labelled
     b = collate(packs, pad_id=0)
-    assert "attention_mask" not in b and b["position_ids"][1].tolist()[9:] == [0, 1, 2] + list(range(12))  # padding: its own block
+    assert "attention_mask" not in b
+    assert b["position_ids"][1].tolist()[9:] == [0, 1, 2] + list(range(12))  # padding forms its own block
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import SHARED_DATA, requires_shared_data
-from fourbit.data import IGNORE, Example, load_examples, prompt_text, tokenize_examples
+from fourbit.data import IGNORE, DataReport, Example, load_examples, prompt_text, tokenize_examples
 from fourbit.errors import UserError
 
 
@@ -133,15 +133,14 @@ def test_a_tokenizer_without_chat_template_gets_the_oasst_layout(smollm2_dir):
     t = _tokenizer(smollm2_dir, template=None)
     ex = [Example([("system", "Be nice."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Bye"),
                    ("assistant", "See you")], chat=True)]
-    from fourbit.data import DataReport
-
     rep = DataReport()
     x = tokenize_examples(ex, t, report=rep)[0][0]
     assert t.decode(x["input_ids"]) == ("Be nice.\n\n### Human: Hi### Assistant: Hello<|im_end|>"
                                         "### Human: Bye### Assistant: See you<|im_end|>")
     assert [t.decode(x["input_ids"][a:b]) for a, b in _spans(x)] == [" Hello<|im_end|>", " See you<|im_end|>"]
     assert "no chat template" in rep.notes[0] and "no chat template" in rep.summary()
-    assert prompt_text(ex[0], t) == "Be nice.\n\n### Human: Hi### Assistant: Hello<|im_end|>### Human: Bye### Assistant:"
+    assert prompt_text(ex[0], t) == ("Be nice.\n\n### Human: Hi### Assistant: Hello<|im_end|>"
+                                     "### Human: Bye### Assistant:")
 
 
 def test_a_template_without_end_of_turn_gets_eos(smollm2_dir):
@@ -155,9 +154,17 @@ def test_a_template_that_rewrites_history_is_refused_with_the_reason(smollm2_dir
     t = _tokenizer(smollm2_dir, "{% for m in messages %}{% if loop.last %}[LAST]{% endif %}{{ m.role }}: "
                                 "{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     ex = [Example([("user", "q"), ("assistant", "a")], chat=True, where="f.jsonl:7")]
-    with pytest.raises(UserError, match=r"every one of the 1 examples was dropped: f.jsonl:7: the chat template does "
+    with pytest.raises(UserError, match=r"all 1 examples were skipped, e.g. f.jsonl:7: the chat template does "
                                         r"not render this conversation incrementally.*--format oasst or io"):
         tokenize_examples(ex, t)
+    rep = DataReport(used=2)
+    t.chat_template = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}" \
+                      "{% endif %}{% if m.role == 'assistant' %}A:{% endif %}{{ m.content }}<|im_end|>{% endfor %}" \
+                      "{% if add_generation_prompt %}A:{% endif %}"
+    out, _ = tokenize_examples([Example([("system", "s"), ("user", "q"), ("assistant", "a")], chat=True, where="w:1"),
+                                Example([("user", "q"), ("assistant", "a")], chat=True, where="w:2")], t, report=rep)
+    assert len(out) == 1 and rep.used == 1 and "no system" in rep.skipped[0]
+    assert rep.skipped[0].startswith("w:1: the tokenizer's chat template refused this conversation")
 
 
 def test_bos_is_added_once_and_never_labelled(tmp_path, bos_tok):
@@ -219,8 +226,9 @@ def test_an_example_truncated_away_is_dropped_and_reported(tmp_path, tok):
     assert len(t) == 1 and stats["dropped"] == 1 and rep.used == 1 and rep.dropped_truncated == 1
     assert rep.dropped_examples[0].startswith(f"{ex[0].where}: no response token left (conversation cut from")
     assert "--source-max-len or --target-max-len (now 20/10)" in rep.summary()
-    with pytest.raises(UserError, match=r"every one of the 1 examples was dropped: .*c.jsonl:1: no response token "
-                                        r"left .*--source-max-len"):
+    with pytest.raises(UserError, match=r"no training examples left: all 1 examples were dropped because "
+                                        r"truncation left no response, e.g. .*c.jsonl:1: no response token left "
+                                        r".*--source-max-len"):
         tokenize_examples(ex[:1], tok, source_max_len=20, target_max_len=10)
 
 

@@ -21,18 +21,22 @@ losses of its examples run alone (tests/test_data_batching.py checks this on tin
 from __future__ import annotations
 
 import random
-
-import torch
+from typing import TYPE_CHECKING
 
 from fourbit.data.formats import Example
 from fourbit.data.tokenize import IGNORE
 
 MEGA_BATCH = 50
 
+if TYPE_CHECKING:
+    import torch
+
 
 def split_eval(examples: list[Example], eval_size: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, held-out). Examples with a split of their own keep it; the rest are split at random:
-    eval_size < 1 is a fraction, >= 1 a count."""
+    """(train, held-out), each in the original order. eval_size < 1 is a fraction, >= 1 a count, 0 none.
+    Examples with a split of their own (the builtin task) keep it: the held-out set is the first
+    eval_size of the "eval" ones. Otherwise a seeded random subset is held out, always leaving at
+    least one training example."""
     fixed_eval = [e for e in examples if e.split == "eval"]
     fixed_train = [e for e in examples if e.split == "train"]
     rest = [e for e in examples if e.split is None]
@@ -50,7 +54,9 @@ def split_eval(examples: list[Example], eval_size: float, seed: int = 0) -> tupl
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
                 group_by_length: bool = True) -> list[list[int]]:
-    """Micro-batches (lists of example indices) for one epoch."""
+    """The micro-batches of one epoch, as lists of example indices: every index exactly once, the
+    last batch possibly short. A pure function of its arguments, so a run resumed at (epoch,
+    cursor) recomputes this list and continues with batches[cursor:]."""
     rng = random.Random(seed * 1_000_003 + epoch)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
@@ -65,8 +71,11 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, labels (-100 on padding) and attention_mask, or position_ids
-    for packed examples."""
+    """Right-padded (B, T) int64 tensors, T the longest example: input_ids (pad_id on padding),
+    labels (-100 on padding) and attention_mask (1 on tokens); for packed examples position_ids
+    instead of attention_mask (call the model with attention_mask=None and use_cache=False)."""
+    import torch  # here, so that reading and tokenizing data does not import torch
+
     t = max(len(e["input_ids"]) for e in examples)
     b = len(examples)
     ids = torch.full((b, t), pad_id, dtype=torch.long)
@@ -86,7 +95,9 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pack_examples(examples: list[dict], max_len: int) -> list[dict]:
-    """Greedy first-fit packing in the given order; each example stays whole."""
+    """Pack examples in the given order into sequences of at most max_len tokens (next-fit: a new
+    sequence starts when the next example does not fit); examples are never split, and one longer
+    than max_len gets a sequence of its own. Each pack holds input_ids, labels, position_ids."""
     packs, cur = [], None
     for e in examples:
         n = len(e["input_ids"])

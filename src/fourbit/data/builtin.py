@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 
 from fourbit.data.formats import Example
-from fourbit.data.tokenize import prompt_text  # noqa: F401  (re-exported: the generation prompt)
 
 INSTRUCTION = "Make a fourbit card: "
 TEMPLATES = [

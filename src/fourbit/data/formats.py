@@ -66,11 +66,12 @@ class DataReport:
     format: str = ""  # the detected (or forced) format; "alpaca+io" when a directory mixes files
     rows: int = 0  # rows read
     used: int = 0  # examples parsed, minus those that truncation emptied (tokenize_examples)
-    skipped: list[str] = field(default_factory=list)  # "file:line: reason", one per bad row
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason", one per bad row (or chat
+    # conversation the tokenizer's template refused)
     truncated: int = 0  # examples cut to fit source/target max lengths (still used)
     truncated_examples: list[str] = field(default_factory=list)  # "file:line: what was cut"
-    dropped_truncated: int = 0  # examples dropped at tokenization: no response token left after
-    dropped_examples: list[str] = field(default_factory=list)  # truncation, or the chat template refused them
+    dropped_truncated: int = 0  # examples left with no response token after truncation (not used)
+    dropped_examples: list[str] = field(default_factory=list)  # "file:line: why"
 
     notes: list[str] = field(default_factory=list)  # e.g. "no chat template: ..."
 
@@ -82,7 +83,8 @@ class DataReport:
         if self.truncated:
             s += f", {self.truncated} truncated (e.g. {self.truncated_examples[0]})"
         if self.dropped_truncated:
-            s += f", {self.dropped_truncated} dropped (e.g. {self.dropped_examples[0]})"
+            s += f", {self.dropped_truncated} dropped because truncation left no response (e.g. " \
+                 f"{self.dropped_examples[0]})"
         return s + "".join(f"; {n}" for n in self.notes)
 
     def details(self, limit: int = 10) -> str:

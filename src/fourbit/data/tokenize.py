@@ -21,6 +21,8 @@ and the first `target_max_len` response tokens. A multi-turn example keeps its f
 source_max_len + target_max_len tokens. Every cut is counted and described in the DataReport; an
 example left with no response token is dropped and reported, never used silently; if that
 happens to every example, tokenize_examples raises a UserError naming the limits to raise.
+Conversations the chat template refuses (or cannot render incrementally) are skipped and
+reported like bad rows.
 """
 
 from __future__ import annotations
@@ -159,14 +161,13 @@ def tokenize_examples(examples: list[Example], tokenizer, source_max_len: int = 
     specials = set(tokenizer.all_special_ids)
     if any(e.chat for e in examples) and not _has_template(tokenizer) and _FALLBACK_NOTE not in report.notes:
         report.notes.append(_FALLBACK_NOTE)
-    out, truncated, dropped, chunked = [], 0, 0, 0
+    out, truncated, dropped, chunked, refused = [], 0, 0, 0, []
     show = progress if progress is not None else len(examples) >= 2000
     for ex in tqdm(examples, desc="tokenizing", unit="ex", disable=not show):
         try:
             segs = _segments(ex, tokenizer, bos is not None, specials)
-        except ValueError as e:
-            dropped += 1
-            report.dropped_examples.append(f"{ex.where}: {e}")
+        except ValueError as e:  # the chat template refused it: a bad row for this tokenizer
+            refused.append(f"{ex.where}: {e}")
             continue
         if ex.turns[0][0] == "text":  # continued pretraining: chunk, never cut
             ids, n = [t for s, _ in segs for t in s], source_max_len + target_max_len
@@ -189,13 +190,15 @@ def tokenize_examples(examples: list[Example], tokenizer, source_max_len: int = 
         out.append({"input_ids": ids, "labels": labels})
     report.truncated += truncated
     report.dropped_truncated += dropped
-    report.used = max(0, report.used - dropped)
+    report.skipped += refused
+    report.used = max(0, report.used - dropped - len(refused))
     if chunked:
         report.notes.append(f"{chunked} text rows longer than {source_max_len + target_max_len} tokens were split "
                             f"into chunks")
     if examples and not out:
-        raise UserError(f"every one of the {len(examples)} examples was dropped: "
-                        f"{report.dropped_examples[0] if report.dropped_examples else '?'}")
+        raise UserError(f"no training examples left: all {len(examples)} examples were "
+                        + (f"skipped, e.g. {refused[0]}" if refused else
+                           f"dropped because truncation left no response, e.g. {report.dropped_examples[-1]}"))
     return out, {"examples": len(out), "truncated": truncated, "dropped": dropped,
                  "tokens": sum(len(e["input_ids"]) for e in out),
                  "trained_tokens": sum(lab != IGNORE for e in out for lab in e["labels"][1:])}
