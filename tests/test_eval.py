@@ -15,6 +15,7 @@ from fourbit.errors import UserError
 from fourbit.eval import (EndpointJudge, HumanJudge, bradley_terry, elo_orderings, elo_ratings, evaluate_mmlu,
                           parse_verdict, perplexity, read_judgments, run_judging)
 from fourbit.eval.mmlu import build_prompt, choice_token_ids
+from fourbit.eval.elo import random_orderings
 
 
 class CharTokenizer:
@@ -131,7 +132,8 @@ def test_elo_equals_a_plain_float64_loop(tmp_path):
             for a, b in rng.integers(0, 4, (60, 2)) if a != b]
     m = read_judgments([_write_judgments(tmp_path / "j.jsonl", rows)])
     batch = elo_orderings(m, orderings=5, seed=3)
-    perm = np.argsort(np.random.default_rng(3).random((5, len(m.s))), axis=1)
+    perm = random_orderings(np.random.default_rng(3), 5, len(m.s))  # elo_orderings draws the same block
+    assert all(sorted(row) == list(range(len(m.s))) for row in perm.tolist())
     for o in range(5):  # replay ordering o one match at a time
         r = [1000.0] * len(m.players)
         for t in perm[o]:

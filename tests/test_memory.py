@@ -10,25 +10,21 @@ import pytest
 
 from conftest import requires_smollm2
 from fourbit.errors import UserError
-from fourbit.memory import Plan, load_architecture, memory_main, parse_size, predict
-
-PROBE = Path(__file__).with_name("memory_probe.py")
-
-
-def _predicted_step_delta(**kw):
-    r = predict(Plan(model="smollm2-135m", dtype="fp32", device="cpu", **kw))
-    p = r["parts"]  # what exists before the step: weights and the LoRA parameters
-    return r["total_bytes"] - p["quantized linear weights"] - p["embeddings, lm_head, norms"] - p["LoRA parameters (fp32)"]
-
+from fourbit.memory import Plan, load_architecture, memory_main, parse_size, predict, predicted_step_growth
 
 @requires_smollm2
 @pytest.mark.slow
-@pytest.mark.parametrize("batch,seq,r,ckpt", [(4, 256, 64, False), (4, 256, 64, True)])
-def test_prediction_within_15_percent_of_measured_cpu_peak(smollm2_dir, batch, seq, r, ckpt):
-    out = subprocess.run([sys.executable, str(PROBE), str(batch), str(seq), str(r), str(int(ckpt)), "smollm2-135m"],
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_prediction_within_15_percent_of_measured_cpu_peak(smollm2_dir, ckpt):
+    """A real step (fourbit.memory.measure_step in a fresh process: RSS peak growth of the second
+    step, glibc heap caching off) against the simulated prediction. Measured 2026-11-22: predicted /
+    measured 0.96 without checkpointing (1.90 GB), 0.90 with (0.69 GB)."""
+    kw = dict(model="smollm2-135m", batch=4, seq=256, r=64, dropout=0.0, checkpointing=ckpt, device="cpu",
+              dtype="fp32")
+    out = subprocess.run([sys.executable, "-m", "fourbit.memory", json.dumps(kw), str(smollm2_dir)],
                          capture_output=True, text=True, check=True).stdout
-    measured = json.loads(out.strip().splitlines()[-1])["delta"]
-    predicted = _predicted_step_delta(batch=batch, seq=seq, r=r, checkpointing=ckpt)
+    measured = json.loads(out.strip().splitlines()[-1])["growth_bytes"]
+    predicted = predicted_step_growth(predict(Plan(**kw)))
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
@@ -37,15 +33,15 @@ def test_checkpointing_and_8bit_states_reduce_the_prediction():
     ckpt = predict(Plan(model="llama-7b", seq=1024, checkpointing=True))
     eight = predict(Plan(model="llama-7b", seq=1024, optim="paged_adamw8bit"))
     assert ckpt["total_bytes"] < base["total_bytes"] and eight["total_bytes"] < base["total_bytes"]
-    assert base["bits_per_parameter"] == pytest.approx(4.127, abs=1e-3)
+    assert base["bits_per_parameter"]["this_model"] == pytest.approx(4.127, abs=1e-3)
     no_dq = predict(Plan(model="llama-7b", double_quant=False))
-    assert no_dq["bits_per_parameter"] == pytest.approx(4.5, abs=1e-3)
+    assert no_dq["bits_per_parameter"]["this_model"] == pytest.approx(4.5, abs=1e-3)
 
 
 def test_the_papers_65b_fits_in_48gb():
     r = predict(Plan(model="llama-65b", seq=512, batch=1, r=64, checkpointing=True, gpu="48GB"))
     assert r["fits"] and r["lora_parameters"] == pytest.approx(800e6, rel=0.01)
-    assert 30 * 2**30 < r["parts"]["quantized linear weights"] < 35 * 2**30  # SPEC §10: ~34.5 GB with bf16 embeddings
+    assert 30 * 2**30 < r["quantized_weights_bytes"]["with_double_quant"] < 35 * 2**30  # SPEC §10: ~34.5 GB with bf16 embeddings
     assert r["max_seq_at_batch"] > 512
 
 
@@ -63,7 +59,7 @@ def test_json_output(capsys):
 
 
 @pytest.mark.parametrize("text,expect", [("24GB", 24 * 2**30), ("24 GiB", 24 * 2**30), ("80G", 80 * 2**30),
-                                         ("24000MB", 24_000 * 10**6), ("1.5TiB", int(1.5 * 2**40))])
+                                         ("24000MB", 24_000 * 2**20), ("1.5TiB", int(1.5 * 2**40))])
 def test_parse_size(text, expect):
     assert parse_size(text) == expect
 
@@ -82,5 +78,5 @@ def test_bad_configs(tmp_path):
                                                  "num_hidden_layers": 1, "vocab_size": 1}))
     with pytest.raises(UserError, match="unknown architecture model_type='no-such-arch'"):
         load_architecture(str(tmp_path / "b.json"))
-    with pytest.raises(UserError, match="not a config.json"):
+    with pytest.raises(UserError, match="not a shipped config"):
         load_architecture("llama-999b")

@@ -3,9 +3,15 @@
 Elo: every system starts at 1000; for a match between a and b with score S (1 a wins, 0 b wins,
 0.5 tie), E = 1 / (1 + 10^((Rb - Ra) / 400)), Ra += K (S - E), Rb -= K (S - E), K = 32. Elo
 depends on the order of the matches, so the paper averages the final ratings over 10,000 random
-orderings; we report that mean and a 95% interval: the 2.5th and 97.5th percentiles of a system's
-final rating across the orderings (the spread due to order alone). All orderings run at once as
-a batch dimension, so 10,000 orderings of ~4,500 matches take about a second.
+orderings. Each ordering gives one final rating per system; we report their mean and two
+intervals, both over those N per-ordering ratings:
+- `ci95`: the 2.5th and 97.5th percentiles (the spread due to match order alone: where one
+  random ordering's rating falls 95% of the time);
+- `mean_ci95`: the half-width 1.96 * std / sqrt(N) of a normal 95% confidence interval of the
+  mean itself. This is the paper's "1348 +- 1" convention (it shrinks with N; the spread does not).
+Neither interval covers the uncertainty of the judgments themselves (a bootstrap over prompts
+would). All orderings run at once as a batch dimension (blocks of 2,000, so memory stays
+~300 MB), the Python loop is over matches only: 10,000 orderings of ~4,500 matches take seconds.
 
 Bradley-Terry: the maximum-likelihood strengths p (P(a beats b) = p_a / (p_a + p_b)), ties
 counted as half a win for each, fitted with Hunter's MM iterations and reported on the Elo scale
@@ -78,41 +84,110 @@ def read_judgments(paths: list[str]) -> Matches:
     return Matches(list(names), np.array(a), np.array(b), np.array(s, dtype=np.float64), unreadable, bad)
 
 
-def elo_orderings(m: Matches, orderings: int = 10_000, seed: int = 0, k: float = K) -> np.ndarray:
-    """(orderings, players) final ratings, each row from one random permutation of the matches."""
-    rng = np.random.default_rng(seed)
-    n_match = len(m.s)
-    perm = np.argsort(rng.random((orderings, n_match)), axis=1)  # (N, M) a random order per row
-    A, B, S = m.a[perm], m.b[perm], m.s[perm]  # (N, M)
-    r = np.full((orderings, len(m.players)), START)
-    rows = np.arange(orderings)
+_BLOCK = 2000  # orderings per batch: (matches, 2000) index arrays, ~70 MB each for 4,500 matches
+
+
+def random_orderings(rng: np.random.Generator, n: int, n_match: int) -> np.ndarray:
+    """(n, n_match) int: row i is a uniformly random permutation of the match indices."""
+    return rng.permuted(np.broadcast_to(np.arange(n_match, dtype=np.intp), (n, n_match)), axis=1)
+
+
+def elo_replay(m: Matches, order: np.ndarray, k: float = K) -> np.ndarray:
+    """(n, players) final Elo ratings after playing the matches in each row's order.
+
+    order: (n, M) match indices, one ordering per row. The batch runs in parallel: step t plays
+    match order[:, t] of every ordering, gathering and scattering in a flat (n * players,) array.
+    """
+    n, n_match = order.shape
+    n_players = len(m.players)
+    cols = np.ascontiguousarray(order.T)  # (M, n): step t reads one contiguous row
+    base = np.arange(n, dtype=np.intp) * n_players  # (n,) offset of each ordering's ratings
+    fa = m.a.astype(np.intp)[cols]  # (M, n) flat index of the first system's rating
+    fa += base
+    fb = m.b.astype(np.intp)[cols]
+    fb += base
+    score = m.s[cols]  # (M, n)
+    del cols
+    r = np.full(n * n_players, START)  # (n * P,) float64
+    ra, rb, e = np.empty(n), np.empty(n), np.empty(n)
+    c = np.log(10.0) / 400.0  # 10^(x/400) = exp(c x)
     for t in range(n_match):
-        ia, ib = A[:, t], B[:, t]
-        ra, rb = r[rows, ia], r[rows, ib]
-        delta = k * (S[:, t] - 1.0 / (1.0 + 10.0 ** ((rb - ra) / 400.0)))
-        r[rows, ia] = ra + delta
-        r[rows, ib] = rb - delta
-    return r
+        ia, ib = fa[t], fb[t]
+        np.take(r, ia, out=ra)
+        np.take(r, ib, out=rb)
+        np.subtract(rb, ra, out=e)  # E = 1 / (1 + 10^((Rb - Ra)/400))
+        e *= c
+        np.exp(e, out=e)
+        e += 1.0
+        np.reciprocal(e, out=e)
+        np.subtract(score[t], e, out=e)  # S - E
+        e *= k
+        ra += e
+        rb -= e
+        r[ia] = ra  # a != b in every match, so the two scatters never collide
+        r[ib] = rb
+    return r.reshape(n, n_players)
 
 
-def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.ndarray:
-    """Bradley-Terry strengths on the Elo scale (mean 1000), ties as half wins (Hunter's MM)."""
+def elo_orderings(m: Matches, orderings: int = 10_000, seed: int = 0, k: float = K,
+                  progress: bool = False) -> np.ndarray:
+    """(orderings, players) final ratings, each row from one random ordering of the matches.
+
+    Orderings are drawn and played in blocks of 2,000 from one generator seeded with `seed`, so
+    the result depends only on (matches, orderings, seed, k)."""
+    from tqdm.auto import tqdm
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((orderings, len(m.players)))
+    starts = range(0, orderings, _BLOCK)
+    for i in tqdm(starts, desc="elo", unit="block", disable=not progress or len(starts) < 2):
+        n = min(_BLOCK, orderings - i)
+        out[i:i + n] = elo_replay(m, random_orderings(rng, n, len(m.s)), k)
+    return out
+
+
+def _strongly_connected(m: Matches) -> bool:
+    """Whether every system can be reached from every other through "scored at least a tie
+    against" edges: the condition (Zermelo, Ford) under which Bradley-Terry's MLE exists."""
     n = len(m.players)
+    beats = np.zeros((n, n), dtype=bool)
+    beats[m.a[m.s > 0], m.b[m.s > 0]] = True  # a scored against b
+    beats[m.b[m.s < 1], m.a[m.s < 1]] = True
+
+    def reach(adj: np.ndarray) -> int:
+        seen, todo = {0}, [0]
+        while todo:
+            for j in np.flatnonzero(adj[todo.pop()]):
+                if int(j) not in seen:
+                    seen.add(int(j))
+                    todo.append(int(j))
+        return len(seen)
+
+    return reach(beats) == n and reach(beats.T) == n
+
+
+def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.ndarray | None:
+    """Bradley-Terry strengths on the Elo scale (mean 1000), ties as half wins (Hunter's MM).
+
+    None when the maximum-likelihood estimate does not exist (some group of systems never
+    scored against the rest, e.g. a system that lost every match: its strength would be 0)."""
+    n = len(m.players)
+    if n < 2 or not _strongly_connected(m):
+        return None
     wins = np.zeros(n)
     np.add.at(wins, m.a, m.s)
     np.add.at(wins, m.b, 1 - m.s)
     games = np.zeros((n, n))
     np.add.at(games, (m.a, m.b), 1)
-    games = games + games.T
+    games = games + games.T  # (P, P) matches between each pair, either order
     p = np.ones(n)
     for _ in range(iters):
-        denom = (games / (p[:, None] + p[None, :])).sum(1)
-        new = np.maximum(wins, 1e-12) / denom
-        new /= np.exp(np.log(new).mean())
-        if np.abs(new - p).max() < tol:
-            p = new
-            break
+        new = wins / (games / (p[:, None] + p[None, :])).sum(1)  # Hunter (2004), eq. 3
+        new /= np.exp(np.log(new).mean())  # fix the scale: geometric mean 1
+        done = np.abs(new - p).max() < tol
         p = new
+        if done:
+            break
     elo = 400 * np.log10(p)
     return elo - elo.mean() + START
 

@@ -70,10 +70,15 @@ class _Linear4bitFn(torch.autograd.Function):
 
 def _gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor | None:
     """x @ W^T straight from the packed codes (Triton), or None when Triton is unavailable."""
-    from fourbit.quant.blockwise import _triton
+    t = _TRITON.get("module", _TRITON)
+    if t is _TRITON:  # first call: look the kernel module up once
+        from fourbit.quant.blockwise import _triton
 
-    t = _triton()
+        t = _TRITON["module"] = _triton()
     return None if t is None else t.gemv_4bit(x, packed.view(torch.uint8), state)
+
+
+_TRITON: dict = {}
 
 
 class Linear4bit(nn.Module):

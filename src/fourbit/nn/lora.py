@@ -64,9 +64,11 @@ class _QLoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             g_xd = gh @ a_c  # (N, in)
             if ctx.needs_input_grad[0]:
-                g_x = gy2 @ dequantize_weight(packed, ctx.state, gy2.dtype)  # (N, in)
-                if ctx.same:  # xd is x: one gradient, summed here instead of by autograd
-                    g_x, g_xd = g_x.add_(g_xd), None
+                w = dequantize_weight(packed, ctx.state, gy2.dtype)  # (out, in)
+                if ctx.same:  # xd is x: one gradient, accumulated into by the matmul itself
+                    g_x, g_xd = g_xd.addmm_(gy2, w), None
+                else:
+                    g_x = gy2 @ w  # (N, in)
             g_x = None if g_x is None else g_x.view(shape)
             g_xd = None if g_xd is None or not ctx.needs_input_grad[1] else g_xd.view(shape)
         return g_x, g_xd, g_a, g_b, None, None, None, None
