@@ -54,6 +54,25 @@ def test_compute_dtype_casts_and_restores():
     torch.testing.assert_close(y, (x.double() @ q.dequantize(torch.float64).T + q.bias.double()).float())
 
 
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(48, 80), (7, 9)])  # 7x9: 32 bytes, padded for 4-byte storage
+def test_float_storage_keeps_the_bytes_and_the_outputs(storage, shape):
+    """quant_storage for FSDP2: packed bytes stored as a frozen float parameter, reinterpreted."""
+    _, q = _q(*shape)
+    raw, x = q.weight.clone(), torch.randn(3, shape[1], requires_grad=True)
+    y0 = q(x)
+    q.set_storage_dtype(storage)
+    assert q.weight.dtype == storage and isinstance(q.weight, nn.Parameter) and not q.weight.requires_grad
+    assert q.weight.numel() * q.weight.element_size() >= raw.numel()
+    assert torch.equal(q.packed, raw.reshape(-1))
+    y1 = q(x)
+    assert torch.equal(y1, y0)
+    y1.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(y1) @ q.dequantize(torch.float32))
+    q.set_storage_dtype(torch.uint8)
+    assert q.weight.dtype == torch.uint8 and torch.equal(q.weight, raw) and "weight" in dict(q.named_buffers())
+
+
 def test_state_dict_round_trip_uses_bnb_keys():
     _, q = _q()
     sd = q.state_dict()

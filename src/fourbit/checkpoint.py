@@ -32,6 +32,7 @@ def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     for idx, st in sd["state"].items():
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
+                v = v.to_local() if hasattr(v, "to_local") else v  # sharded: this rank's shard
                 tensors[f"state/{idx}/{name}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{idx}/{name}"] = v
@@ -86,13 +87,17 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
     rng_t, rng_py = rng_state()
     save_file(rng_t, str(tmp / f"rng-{D.rank()}.safetensors"))
     (tmp / f"rng-{D.rank()}.json").write_text(json.dumps(rng_py))
+    sharded = _sharded(model)
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if sharded:  # each rank holds its own shard of the optimizer state
+        save_file(opt_tensors, str(tmp / f"optimizer-{D.rank()}.safetensors"), metadata={"format": "pt"})
     D.barrier()
+    save_adapter(model, tmp)  # a collective when sharded; rank 0 writes
     if D.is_main():
-        save_adapter(model, tmp)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
+        if not sharded:
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
         state = {**trainer_state, "step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                 "world_size": D.world()}
+                 "world_size": D.world(), "sharded": sharded}
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
@@ -103,6 +108,12 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
+
+
+def _sharded(model) -> bool:
+    from fourbit.distributed import is_sharded
+
+    return is_sharded(model)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -120,10 +131,23 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     if state.get("world_size", 1) != D.world():
         raise UserError(f"cannot resume from {path}: it was written by {state.get('world_size', 1)} process(es), "
                         f"this run has {D.world()}; resume with the same number of processes")
+    if bool(state.get("sharded", False)) != _sharded(model):
+        raise UserError(f"cannot resume from {path}: it was written {'with' if state.get('sharded') else 'without'} "
+                        f"--fsdp; resume with the same setting")
     load_adapter(model, path, trainable=True)
+    name = f"optimizer-{D.rank()}.safetensors" if _sharded(model) else "optimizer.safetensors"
     try:
-        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                       state["optimizer"]))
+        sd = _unflatten_optimizer(load_file(str(path / name)), state["optimizer"])
+        if _sharded(model) and isinstance(optimizer, torch.optim.AdamW):  # torch's AdamW keeps DTensor states
+            from torch.distributed.tensor import DTensor
+
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            for idx, st in sd["state"].items():
+                p = params[int(idx)]
+                for k, v in st.items():
+                    if k != "step" and isinstance(v, torch.Tensor):
+                        st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements)
+        optimizer.load_state_dict(sd)
     except ValueError as e:
         raise UserError(f"cannot resume from {path}: its optimizer state does not fit this run ({e}). Resume with "
                         f"the settings the run started with (see {path / STATE_NAME})") from None

@@ -27,6 +27,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fourbit.errors import UserError
+
 
 def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -94,8 +96,62 @@ def sum_gradients(params: list[torch.Tensor]) -> None:
         offset += n
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether shard_model has sharded the model's trainable parameters."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters() if p.requires_grad)
+
+
 def my_share(indices: list[int]) -> list[int]:
     """This rank's slice of a global micro-batch (contiguous, sizes differing by at most one)."""
     n, w, r = len(indices), world(), rank()
     lo, hi = r * n // w, (r + 1) * n // w
     return indices[lo:hi]
+
+
+# Note: Sharding the 4-bit base (FSDP2)
+# Data parallelism keeps a whole 4-bit base on every rank. `shard_model` instead splits it with
+# torch's FSDP2 (`fully_shard`): each decoder layer is one unit whose parameters are stored 1/N
+# per rank and all-gathered just before the layer runs (forward, and again before its backward),
+# then freed. The packed codes of every Linear4bit become a frozen float parameter (the bytes
+# reinterpreted, zero-padded to whole elements: bitsandbytes' quant_storage), which FSDP2 can
+# shard and all-gather; the small block constants stay whole on every rank. LoRA parameters are
+# sharded too: FSDP2 reduce-scatters their gradients, with its averaging turned off so that the
+# trainer's global-token normalisation (Note: Exactly one big batch) holds unchanged, and the
+# optimizer updates each rank's shard. Peak memory per rank ≈ (4-bit layers + adapters + states)/N
+# + embeddings and lm_head + one layer gathered + activations.
+
+
+def shard_model(model: torch.nn.Module, storage_dtype: torch.dtype | None = None, mesh=None) -> torch.nn.Module:
+    """Shard a fourbit model (4-bit base + LoRA) across the process group with FSDP2, in place.
+
+    storage_dtype: the float dtype the packed bytes are stored as (default: the LoRA parameters'
+    dtype, so each layer's parameters share one dtype, as FSDP2's all-gather wants).
+    Call after `add_lora` and before building the optimizer; returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fourbit.nn import Linear4bit
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise UserError("shard_model needs a process group: launch with torchrun and call fourbit.distributed.init()")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dtype = storage_dtype or (trainable[0].dtype if trainable else torch.float32)
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            m.set_storage_dtype(dtype)
+    for p in model.parameters():  # one dtype per FSDP unit: frozen norms/embeddings follow the adapters
+        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or []
+    if not layers:
+        raise UserError(f"shard_model: found no decoder layers in {type(model).__name__} (expected .layers or .h)")
+    # Only the decoder layers are sharded: embeddings, final norm and lm_head (frozen, ~1-3% of a
+    # large model) stay whole on every rank, since fourbit's loss calls the decoder and lm_head
+    # separately (chunked cross-entropy), outside any root module's forward.
+    units = list(layers)
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+        # sum, not average: the loss is already normalised by the global token count
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return model

@@ -84,6 +84,8 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     dist_timeout: float = field(default=600.0, metadata={"help": "seconds a rank waits for the others (torchrun runs) "
                                                                  "before failing"})
+    fsdp: bool = field(default=False, metadata={"help": "torchrun runs: shard the 4-bit base, adapters and optimizer "
+                                                        "states across the processes (FSDP2) instead of a copy each"})
 
     def validate(self) -> list[str]:
         p = []
@@ -269,13 +271,16 @@ def evaluate_loss(model, data: Data, cfg: TrainConfig, device: torch.device) -> 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    mine = data.eval[dd.rank()::dd.world()]  # each rank scores its share; the sums are added up below
+    sharded = dd.is_sharded(model)  # sharded: every forward is a collective, so every rank scores everything
+    mine = data.eval if sharded else data.eval[dd.rank()::dd.world()]  # else each rank scores its share
     for i in range(0, len(mine), cfg.batch_size):
         b = to_device(D.collate(mine[i:i + cfg.batch_size], data.pad_id), device)
         loss_sum, n = causal_lm_loss(model, b["input_ids"], b["labels"], b.get("attention_mask"),
                                      b.get("position_ids"), num_tokens=1, chunk=cfg.loss_chunk or None)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
+    if sharded:
+        return total / max(count, 1)
     return dd.sum_scalar(total, device) / max(dd.sum_scalar(count, device), 1)
 
 
@@ -298,6 +303,7 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
     from fourbit.loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = dd.is_sharded(model)  # FSDP2 reduce-scatters the gradients itself
     step, epoch, cursor = start["step"], start["epoch"], start["cursor"]
     batches = epoch_batches(data, cfg, epoch)
     base_tokens, tokens_seen = start.get("tokens", 0), 0  # tokens: all ranks, all sessions; tokens_seen: ours
@@ -324,12 +330,15 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
             loss_sum += float(loss.detach())
             tokens_seen += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
         loss_sum = dd.sum_scalar(loss_sum, device)  # every rank sees the same loss (and NaN)
-        dd.sum_gradients(params)
+        if not sharded:
+            dd.sum_gradients(params)
         if not math.isfinite(loss_sum):
             kept = list_checkpoints(out)
             raise UserError(f"the loss became {loss_sum} at step {step + 1}; stopped without saving this step. "
                             f"Last good checkpoint: {kept[-1] if kept else 'none'}. Try a lower --lr or check the data.")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -460,6 +469,11 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     out = prepare_output(cfg)
     seed_everything(cfg.seed)
     model, tok = setup_model(cfg, device)  # same LoRA init on every rank (seeded)
+    if cfg.fsdp:
+        if dd.world() < 2:
+            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N (N >= 2)")
+        dd.shard_model(model)
+    scores_everywhere = cfg.fsdp  # generation on a sharded model needs every rank
     torch.manual_seed(cfg.seed + dd.rank())  # dropout differs per rank, like separate data
     data = setup_data(cfg, tok)
     per_epoch = len(epoch_batches(data, cfg, 0))
@@ -476,7 +490,7 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
         start = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
         score_before = start.get("score_before")
         say(f"resuming from {ckpts[-1]} (step {start['step']} of {total})")
-    elif is_builtin and main:
+    elif is_builtin and (main or scores_everywhere):
         score_before = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
         say(f"held-out score before training: {score_before:.1%}")
     say(trainable_summary(model))
@@ -494,10 +508,10 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
         if log is not None:
             log.close()
     eval_loss = evaluate_loss(model, data, cfg, device)
+    save_adapter(model, out, base_model_name_or_path=cfg.model)  # every rank joins (sharded: a gather); rank 0 writes
     score_after = None
-    if main:
-        save_adapter(model, out, base_model_name_or_path=cfg.model)
-        score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples) if is_builtin else None
+    if is_builtin and (main or scores_everywhere):
+        score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
     summary = {
         "steps": final["step"], "final_loss": final.get("loss"), "eval_loss": eval_loss,
         "score_before": score_before, "score_after": score_after, "examples": data.report.as_dict(),

@@ -31,8 +31,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-named LoRA tensors (contiguous, on CPU)."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        out[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        for x, layer in (("A", m.lora_A), ("B", m.lora_B)):
+            w = layer.weight.detach()
+            if hasattr(w, "full_tensor"):  # sharded (FSDP2): gathered, a collective every rank joins
+                w = w.full_tensor()
+            out[f"{PREFIX}{name}.lora_{x}.weight"] = w.contiguous().cpu()
     return out
 
 
@@ -60,16 +63,23 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA adapter as a PEFT adapter directory; returns the directory."""
+    """Write the model's LoRA adapter as a PEFT adapter directory; returns the directory.
+
+    A model sharded with fourbit.distributed.shard_model: every rank calls this (the adapter is
+    gathered), rank 0 writes."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not lora_modules(model):
         raise UserError("this model has no LoRA adapter to save; call fourbit.add_lora(model) first")
     d = Path(directory)
+    tensors = adapter_state_dict(model)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return d
     d.mkdir(parents=True, exist_ok=True)
     conf = peft_config_dict(cfg)
     if base_model_name_or_path is not None:
         conf["base_model_name_or_path"] = base_model_name_or_path
-    tensors = adapter_state_dict(model)
     _atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(conf, indent=2) + "\n"))
     return d
@@ -186,4 +196,9 @@ def _assign(mods: dict, tensors: dict[str, torch.Tensor], d: Path) -> None:
         raise UserError(f"adapter {d} lacks {len(missing)} tensor(s) the model's LoRA layers need, e.g. {missing[0]}")
     with torch.no_grad():
         for param, t in plan:
-            param.copy_(t.to(param.dtype))
+            t = t.to(param.dtype)
+            if hasattr(param, "device_mesh"):  # sharded (FSDP2): each rank keeps its shard
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(param.device), param.device_mesh, param.placements)
+            param.copy_(t)

@@ -150,19 +150,44 @@ class Linear4bit(nn.Module):
                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                           code=self._quant_map, nested=nested)
 
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes as uint8 bytes, whatever dtype stores them (see set_storage_dtype)."""
+        w = self.weight
+        if w.dtype == torch.uint8:
+            return w
+        n = (self.in_features * self.out_features + 1) // 2
+        return w.detach().reshape(-1).view(torch.uint8)[:n]
+
+    def set_storage_dtype(self, dtype: torch.dtype) -> None:
+        """Store the packed bytes as a frozen nn.Parameter of a float `dtype` (zero-padded to whole
+        elements), shape (elements, 1): what FSDP2 can shard and all-gather (bitsandbytes calls this
+        quant_storage). The bytes and the quantization are unchanged; uint8 restores a buffer."""
+        raw = self.packed.reshape(-1)
+        if dtype == torch.uint8:
+            del self.weight
+            self.register_buffer("weight", raw.clone().reshape(-1, 1))
+            return
+        size = torch.empty((), dtype=dtype).element_size()
+        padded = torch.zeros(-(-raw.numel() // size) * size, dtype=torch.uint8, device=raw.device)
+        padded[: raw.numel()] = raw
+        if "weight" in self._buffers:
+            del self._buffers["weight"]
+        self.weight = nn.Parameter(padded.view(dtype).reshape(-1, 1), requires_grad=False)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A fresh tensor holding W (out, in), in `dtype` (default: the dtype it was quantized from)."""
-        return dequantize_4bit(self.weight, self.quant_state, dtype or self.weight_dtype)
+        return dequantize_4bit(self.packed, self.quant_state, dtype or self.weight_dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(cd)
         if x.is_cuda and x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
-            y = _gemv(x.to(cd), self.weight, self.quant_state)  # one token (generation): no weight-sized buffer
+            y = _gemv(x.to(cd), self.packed, self.quant_state)  # one token (generation): no weight-sized buffer
             if y is not None:
                 return (y if bias is None else y + bias).to(x.dtype)
-        y = _Linear4bitFn.apply(x.to(cd), self.weight, self.quant_state, bias)
+        y = _Linear4bitFn.apply(x.to(cd), self.packed, self.quant_state, bias)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

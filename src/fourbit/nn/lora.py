@@ -105,7 +105,7 @@ class LoraLinear(nn.Module):
             xc = x.to(cd)
             xd = self.lora_dropout(xc) if self.training else xc
             bias = None if base.bias is None else base.bias.to(cd)
-            y = _QLoraLinearFn.apply(xc, xd, self.lora_A.weight, self.lora_B.weight, base.weight, base.quant_state,
+            y = _QLoraLinearFn.apply(xc, xd, self.lora_A.weight, self.lora_B.weight, base.packed, base.quant_state,
                                      bias, self.scaling)
             return y.to(x.dtype)
         y = base(x)  # (..., out)

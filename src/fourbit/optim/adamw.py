@@ -35,6 +35,11 @@ from fourbit.quant import dequantize_blockwise_8bit, get_dynamic_map, quantize_b
 BLOCK = 256
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: updating it updates the parameter), else t."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _check_hparams(lr, betas, eps, weight_decay) -> None:
     if not isinstance(lr, (int, float)) or lr < 0:
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
@@ -96,12 +101,13 @@ class _AdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             batch = []  # 32-bit fp32 parameters: updated together with multi-tensor (foreach) kernels
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                if p.grad.is_sparse:
+                if param.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                st = self.state[p]
+                p, g = _local(param), _local(param.grad)  # a sharded (FSDP2) parameter: this rank's shard
+                st = self.state[param]
                 if not st:
                     st.update(self._init_state(p))
                 if self._is_paged(p):
@@ -110,10 +116,10 @@ class _AdamW(Optimizer):
                     for t in st.values():
                         if t.device.type == "cuda":
                             prefetch(t, p.device)
-                if "exp_avg" in st and p.dtype == torch.float32 and p.grad.dtype == torch.float32:
-                    batch.append((p, st))
+                if "exp_avg" in st and p.dtype == torch.float32 and g.dtype == torch.float32:
+                    batch.append((p, g, st))
                 else:
-                    self._update(p, st, group)
+                    self._update(p, g, st, group)
             if batch:
                 self._update_foreach(batch, group)
         return loss
@@ -123,8 +129,7 @@ class _AdamW(Optimizer):
         per kernel launch (a 7B LoRA has ~450 adapter tensors: one launch each is the bottleneck)."""
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        ps, sts = [p for p, _ in batch], [st for _, st in batch]
-        grads = [p.grad for p in ps]
+        ps, grads, sts = [p for p, _, _ in batch], [g for _, g, _ in batch], [st for _, _, st in batch]
         ms, vs = [st["exp_avg"] for st in sts], [st["exp_avg_sq"] for st in sts]
         for st in sts:
             st["step"] += 1
@@ -139,12 +144,12 @@ class _AdamW(Optimizer):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1 - b1**t) for t in ts])
 
-    def _update(self, p: torch.Tensor, st: dict, group: dict) -> None:
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, st: dict, group: dict) -> None:
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         st["step"] += 1
         t = float(st["step"])
-        g = p.grad.float()
+        g = grad.float()
         eight = "exp_avg_q" in st
         if eight:
             m = dequantize_blockwise_8bit(st["exp_avg_q"], st["exp_avg_absmax"], get_dynamic_map(True, p.device),
@@ -192,7 +197,7 @@ class _AdamW(Optimizer):
             idx = int(idx)
             if idx >= len(params):
                 raise ValueError(f"state for parameter {idx}, but this optimizer has {len(params)} parameters")
-            p, expect = params[idx], self._init_state(params[idx])
+            p, expect = params[idx], self._init_state(_local(params[idx]))
             for name, t in st.items():
                 if name not in expect:
                     raise ValueError(f"state of parameter {idx} has {name!r}; expected {sorted(expect)}")
@@ -202,7 +207,7 @@ class _AdamW(Optimizer):
         sd = {k: v for k, v in state_dict.items() if k != "fourbit_optimizer"}
         super().load_state_dict(sd)
         for p, st in self.state.items():  # move states into (paged) buffers of our own
-            fresh = self._init_state(p)
+            fresh = self._init_state(_local(p))
             for name, t in st.items():
                 if isinstance(t, torch.Tensor) and name != "step":
                     fresh[name].copy_(t)
