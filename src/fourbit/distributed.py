@@ -125,7 +125,7 @@ def shard_model(model: torch.nn.Module, storage_dtype: torch.dtype | None = None
     """Shard a fourbit model (4-bit base + LoRA) across the process group with FSDP2, in place.
 
     storage_dtype: the float dtype the packed bytes are stored as (default: the LoRA parameters'
-    dtype, so each layer's parameters share one dtype, as FSDP2's all-gather wants).
+    dtype). Every other parameter keeps its dtype: FSDP2 all-gathers mixed dtypes.
     Call after `add_lora` and before building the optimizer; returns the model."""
     from torch.distributed.fsdp import fully_shard
 
@@ -138,9 +138,6 @@ def shard_model(model: torch.nn.Module, storage_dtype: torch.dtype | None = None
     for m in model.modules():
         if isinstance(m, Linear4bit):
             m.set_storage_dtype(dtype)
-    for p in model.parameters():  # one dtype per FSDP unit: frozen norms/embeddings follow the adapters
-        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
-            p.data = p.data.to(dtype)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None) or []
     if not layers:
