@@ -25,8 +25,10 @@ def _run(opt_cls, steps=200, seed=0, **kw):
     return params, opt
 
 
+@pytest.mark.parametrize("chunk", [1 << 25, 100])  # 100: every parameter its own multi-tensor chunk
 @pytest.mark.parametrize("kw", [dict(lr=1e-2), dict(lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6)])
-def test_paged_adamw_matches_torch_adamw(kw):
+def test_paged_adamw_matches_torch_adamw(kw, chunk, monkeypatch):
+    monkeypatch.setattr("fourbit.optim.adamw._FOREACH_ELEMENTS", chunk)
     ref, _ = _run(torch.optim.AdamW, **kw)
     ours, _ = _run(PagedAdamW, **kw)
     for a, b in zip(ref, ours):

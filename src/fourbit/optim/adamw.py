@@ -35,6 +35,9 @@ from fourbit.quant import dequantize_blockwise_8bit, get_dynamic_map, quantize_b
 BLOCK = 256
 
 
+_FOREACH_ELEMENTS = 1 << 25  # parameters per multi-tensor update: its temporaries stay <= 128 MB (fp32)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: updating it updates the parameter), else t."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -120,8 +123,12 @@ class _AdamW(Optimizer):
                     batch.append((p, g, st))
                 else:
                     self._update(p, g, st, group)
-            if batch:
-                self._update_foreach(batch, group)
+            start, size = 0, 0
+            for i, (p, _, _) in enumerate(batch):  # chunks of <= _FOREACH_ELEMENTS: bounded temporaries
+                size += p.numel()
+                if size >= _FOREACH_ELEMENTS or i == len(batch) - 1:
+                    self._update_foreach(batch[start:i + 1], group)
+                    start, size = i + 1, 0
         return loss
 
     def _update_foreach(self, batch: list, group: dict) -> None:
