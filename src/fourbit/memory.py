@@ -458,7 +458,10 @@ class Predictor:
         length at a fixed batch and in the batch at a fixed length (flash attention, fixed loss
         chunks), so two simulated points give the rest: the fit search stays seconds, not minutes."""
         def sim(b: int, t: int) -> dict[str, int]:
-            return _extrapolate(self.sims, self.config.num_hidden_layers, b, t, self.plan.loss_chunk)
+            ph = _extrapolate(self.sims, self.config.num_hidden_layers, b, t, self.plan.loss_chunk)
+            if self.plan.optim == "paged_adamw":  # fourbit's 32-bit update runs in chunks: see below
+                ph["optimizer step"] = min(ph["optimizer step"], self._chunked_step_bytes(b, t))
+            return ph
 
         def line(p0: dict, p1: dict, x0: int, x: int) -> dict[str, int]:  # p1 is at 2 * x0
             return {k: round(p0[k] + (p1[k] - p0[k]) * (x - x0) / x0) for k in p0}
@@ -470,6 +473,19 @@ class Predictor:
         if batch > 2 * b0:
             return line(sim(b0, seq), sim(2 * b0, seq), b0, batch)
         return sim(batch, seq)
+
+    def _chunked_step_bytes(self, batch: int, seq: int) -> int:
+        """The optimizer step's temporaries for fourbit's 32-bit AdamW, whose multi-tensor update
+        runs over chunks of ~_FOREACH_ELEMENTS parameters: a few layers' simulation fits in one
+        chunk, so its bytes per parameter times one chunk bounds the whole model's step (the
+        affine extrapolation over layers would count every chunk at once)."""
+        from fourbit.optim.adamw import _FOREACH_ELEMENTS
+
+        _, s0 = self.sims[0]
+        n0 = sum(p.numel() for p in s0.params)
+        per = s0.phases(batch, seq, self.plan.loss_chunk)["optimizer step"] / max(n0, 1)
+        biggest = max((p.numel() for p in s0.params), default=0)
+        return round(per * min(self.facts["lora_parameters"], _FOREACH_ELEMENTS + biggest))
 
     def total(self, batch: int, seq: int) -> int:
         p = self.phases(batch, seq)
