@@ -71,16 +71,16 @@ def peft_child(case: dict, steps: int) -> None:
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    seen = {"tokens": 0}
+    seen = {"batches": []}
 
-    def collator(rows):
+    def collator(rows):  # accelerate's loader collates one batch ahead: only the first `steps` count
         b = collate(rows, data.pad_id)
-        seen["tokens"] += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        seen["batches"].append(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel())
         return b
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            seen["t0"], seen["tokens"] = time.perf_counter(), 0
+            seen["t0"], seen["batches"] = time.perf_counter(), []
 
         def on_step_end(self, *a, **k):
             seen["t1"] = time.perf_counter()
@@ -94,7 +94,8 @@ def peft_child(case: dict, steps: int) -> None:
         trainer = Trainer(model=model, args=args, train_dataset=data.train, data_collator=collator, callbacks=[Clock()])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(json.dumps({"tokens_per_s": seen["tokens"] / (seen["t1"] - seen["t0"]), "peak_mb": peak_rss_bytes() / 2**20,
+    tokens = sum(seen["batches"][:steps])
+    print(json.dumps({"tokens_per_s": tokens / (seen["t1"] - seen["t0"]), "peak_mb": peak_rss_bytes() / 2**20,
                       "loss": losses[-1] if losses else None}))
 
 

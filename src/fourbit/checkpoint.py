@@ -3,6 +3,7 @@
 A checkpoint is a directory `checkpoint-<step>` holding
     adapter_config.json, adapter_model.safetensors   the LoRA adapter (PEFT format)
     optimizer.safetensors                            optimizer state tensors, keyed state/<param>/<name>
+                                                     (--fsdp: optimizer-<rank>.safetensors, each rank's shard)
     rng-<rank>.safetensors, rng-<rank>.json          each rank's torch (CUDA) and Python RNG states
     trainer_state.json                               step, data position, scheduler, optimizer scalars,
                                                      world size, the run's config
@@ -88,7 +89,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
     save_file(rng_t, str(tmp / f"rng-{D.rank()}.safetensors"))
     (tmp / f"rng-{D.rank()}.json").write_text(json.dumps(rng_py))
     sharded = _sharded(model)
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if sharded or D.is_main():  # data-parallel ranks hold identical states: rank 0 writes them
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
     if sharded:  # each rank holds its own shard of the optimizer state
         save_file(opt_tensors, str(tmp / f"optimizer-{D.rank()}.safetensors"), metadata={"format": "pt"})
     D.barrier()
