@@ -163,3 +163,16 @@ def test_yaml_config(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(UserError, match=r"unknown option\(s\) \['learning_rate'\]"):
         parse_cli(TrainConfig, ["--config", str(tmp_path / "bad.yaml")], prog="t")
+
+
+def test_distributed_epochs_never_leave_a_rank_without_data(monkeypatch):
+    """7 examples, batch 2 x 3 ranks: global batches of 6 and a short one of 1, which would give
+    two ranks nothing (a crash, or a hang under --fsdp): it is dropped; one process keeps it."""
+    from fourbit import distributed as dd
+    from fourbit.train import Data, TrainConfig, epoch_batches
+
+    data = Data(train=[{"input_ids": [1] * (i + 1)} for i in range(7)], eval=[], eval_raw=[], report=None, pad_id=0)
+    cfg = TrainConfig(batch_size=2, group_by_length=False)
+    assert sorted(len(b) for b in epoch_batches(data, cfg, 0)) == [1, 2, 2, 2]
+    monkeypatch.setattr(dd, "world", lambda: 3)
+    assert [len(b) for b in epoch_batches(data, cfg, 0)] == [6]

@@ -250,8 +250,10 @@ def epoch_batches(data: Data, cfg: TrainConfig, epoch: int) -> list[list[int]]:
     from fourbit import distributed as dd
 
     lengths = [len(e["input_ids"]) for e in data.train]  # global micro-batches: batch_size x world examples
-    return D.batch_order(lengths, cfg.batch_size * dd.world(), seed=cfg.seed, epoch=epoch,
-                         group_by_length=cfg.group_by_length)
+    batches = D.batch_order(lengths, cfg.batch_size * dd.world(), seed=cfg.seed, epoch=epoch,
+                            group_by_length=cfg.group_by_length)
+    # a short last batch with fewer examples than ranks would leave a rank without data: dropped
+    return [b for b in batches if len(b) >= dd.world()]
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
