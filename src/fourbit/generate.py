@@ -74,14 +74,10 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompt file {path} does not exist")
+    from fourbit.data.formats import iter_jsonl
+
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, row in iter_jsonl(p):
         text = (row.get("turns") or [None])[0] if "turns" in row else \
             row.get("prompt") or row.get("input") or row.get("text") or row.get("instruction")
         if not isinstance(text, str) or not text.strip():

@@ -107,18 +107,22 @@ class DataReport:
 
 
 # -- reading rows: (where, row) pairs ---------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[tuple[str, object]]:
-    rows = []
+def iter_jsonl(path: str | Path):
+    """(line number, parsed row) for each non-blank line; a line that is not JSON is a UserError
+    naming file:line."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}:{i}", json.loads(line)))
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}). Each line of a .jsonl "
                                 f"file must be one JSON object; fix or delete that line") from None
-    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, object]]:
+    return [(f"{path}:{i}", row) for i, row in iter_jsonl(path)]
 
 
 def _json_array(text: str, path: Path) -> list[tuple[str, object]] | None:

@@ -40,14 +40,10 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"answer file {path} does not exist")
+    from fourbit.data.formats import iter_jsonl
+
     out, name = {}, None
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, row in iter_jsonl(p):
         if "question_id" not in row:
             raise UserError(f"{path}:{i}: no question_id")
         answer = row.get("generation", row.get("text"))
