@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fourbit.quant.blockwise import _triton, dequantize_4bit
+from fourbit.quant.kernels import cpu
 from fourbit.quant.state import QuantState
 
 # Rows of x up to which the CPU kernel beats dequantize + sgemm (bench/quant_matmul.py: ~2x
@@ -33,53 +34,40 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     """x (..., K) @ W^T + bias -> (..., O) in x's dtype, W = dequant(packed, state) of shape (O, K).
 
     Contract (what a batched decoding engine may rely on):
-      * x: any float dtype, any leading dims (flattened to M rows); packed: the uint8 codes (any
-        storage dtype viewed as bytes); bias: (O,) or None.
+      * x: any float dtype, any leading dims (M rows in all); packed: the contiguous packed codes
+        (uint8, or any storage dtype holding the same bytes); bias: (O,) or None.
       * CPU: float32 arithmetic (fp16/bf16 inputs are converted to float32 and the result back),
         output rows split over torch.get_num_threads() threads. Each output element is computed
         by the same sequence of float operations whatever M and the thread count are, so a row
-        of x gives bit-identical output alone or in a batch of any size. Error vs the float64
-        product: float32 summation over K (tests/test_quant_matmul.py bounds it).
+        of x gives bit-identical output alone or in a batch of any size. It is the float32 dot
+        product of x with the dequantized W (the same float32 weights) summed in another order:
+        tests/test_quant_matmul.py bounds the difference to dequantize-then-matmul and to float64.
       * CUDA: one row goes through the Triton gemv (float32 accumulation); more rows dequantize
         to x's dtype and call F.linear.
+      * The CPU kernel serves any M, but above SKINNY_MAX_ROWS rows dequantize + matmul is faster.
     """
     n_out, k = state.shape
     if x.shape[-1] != k:
         raise ValueError(f"matmul_4bit: x has {x.shape[-1]} features (shape {list(x.shape)}), "
                          f"W is {n_out}x{k}: x's last dim must be {k}")
-    p = packed.reshape(-1)
-    p = p if p.dtype == torch.uint8 else p.view(torch.uint8)
-    if p.numel() < (state.numel + 1) // 2:
-        raise ValueError(f"matmul_4bit: packed has {p.numel()} bytes, W {n_out}x{k} needs {(state.numel + 1) // 2}")
-    if x.device.type == "cpu":
-        from fourbit.quant.kernels import cpu
-
-        if cpu.available():
-            return _matmul_cpu(x, p, state, bias, cpu)
-    elif x.device.type == "cuda" and x.numel() == k and (t := _triton()) is not None:
-        y = t.gemv_4bit(x, p, state)
+    if x.device.type == "cpu" and cpu.available():
+        x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.to(torch.float32).contiguous()
+        y = cpu.matmul4(x2, packed, state, bias, torch.empty((*x.shape[:-1], n_out)), torch.get_num_threads())
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+    if x.device.type == "cuda" and x.numel() == k and (t := _triton()) is not None:
+        y = t.gemv_4bit(x, packed, state)
         if y is not None:
             return y if bias is None else y + bias.to(y.dtype)
-    return matmul_4bit_reference(x, p, state, bias)
-
-
-def _matmul_cpu(x, p, state, bias, cpu) -> torch.Tensor:
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.to(torch.float32, memory_format=torch.contiguous_format)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    y = torch.empty(x2.shape[0], state.shape[0], dtype=torch.float32)  # (M, O)
-    cpu.matmul4(x2, p, state, bias, y, torch.get_num_threads())
-    y = y.view(*lead, state.shape[0])
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    return matmul_4bit_reference(x, packed, state, bias)
 
 
 def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize W to x's dtype (float32 for CPU half inputs, as the kernel computes), then F.linear."""
     dtype = torch.float32 if x.device.type == "cpu" else x.dtype
-    w = dequantize_4bit(packed, state, dtype)  # (O, K)
+    p = packed.reshape(-1).view(torch.uint8)[: (state.numel + 1) // 2]  # storage may be padded (FSDP)
+    w = dequantize_4bit(p, state, dtype)  # (O, K)
     y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     return y.to(x.dtype)

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -70,8 +71,7 @@ def _build() -> ctypes.CDLL | None:
     lib.fb_quant4.argtypes = [ptr, c_int, i64, i64, ptr, ptr, c_int, ctypes.c_uint8, ptr, ptr, i64, i64]
     lib.fb_quant4.restype = None
     lib.fb_has_f16.restype = c_int
-    lib.fb_matmul4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr, i64,
-                               i64, c_int, c_int]
+    lib.fb_matmul4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
     lib.fb_matmul4.restype = c_int
     lib.fb_has_openmp.restype = c_int
     lib.fb_has_avx2.restype = c_int
@@ -176,29 +176,66 @@ def _features() -> tuple[bool, bool]:
     return bool(lib.fb_has_openmp()), bool(lib.fb_has_avx2()) and not os.environ.get("FOURBIT_NO_AVX2")
 
 
+class _W4(ctypes.Structure):
+    """fb_w4 in cpu4bit.c: the pointers and sizes of one packed weight and its QuantState."""
+
+    _fields_ = [("packed", ptr), ("absmax", ptr), ("q8", ptr), ("code2", ptr), ("nested_bs", i64),
+                ("offset", ctypes.c_float), ("code", ptr), ("bs", i64)]
+
+
+# Note: Weight descriptors
+# At batch 1 a 135M model makes ~210 of these calls per token, each doing 20-200 us of work, so
+# the Python side must stay at a few microseconds: the pointers of a (packed, state) pair are
+# gathered into a _W4 once and reused while the same tensors back it. An entry is keyed by the
+# address of the packed bytes (a fresh view of the same bytes hits it too), holds every tensor
+# it points into (so that memory cannot be freed and reused under the cached pointers), and is
+# dropped when the QuantState is garbage collected.
+_W4S: dict[tuple[int, int], tuple[tuple, _W4]] = {}
+
+
+def _descriptor(packed: torch.Tensor, state) -> _W4:
+    nested = state.nested
+    key = (packed.data_ptr(), id(state))
+    hit = _W4S.get(key)
+    if hit is not None:
+        t = hit[0]
+        if t[1] is state.absmax and t[2] is state.code and t[3] is nested and (
+                nested is None or (t[4] is nested.absmax and t[5] is nested.code)):
+            return hit[1]
+    nbytes = packed.numel() * packed.element_size()
+    if nbytes < (state.numel + 1) // 2 or not packed.is_contiguous():
+        raise ValueError(f"packed weight: {nbytes} bytes (contiguous: {packed.is_contiguous()}); "
+                         f"{list(state.shape)} needs {(state.numel + 1) // 2} contiguous bytes")
+    if nested is None:
+        w = _W4(packed.data_ptr(), state.absmax.data_ptr(), None, None, 1, 0.0, state.code.data_ptr(),
+                state.blocksize)
+    else:
+        w = _W4(packed.data_ptr(), nested.absmax.data_ptr(), state.absmax.data_ptr(), nested.code.data_ptr(),
+                nested.blocksize, nested.offset, state.code.data_ptr(), state.blocksize)
+    if hit is None:
+        weakref.finalize(state, _W4S.pop, key, None)
+    _W4S[key] = ((packed, state.absmax, state.code, nested, nested and nested.absmax, nested and nested.code), w)
+    return w
+
+
 def matmul4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None, out: torch.Tensor,
             threads: int) -> torch.Tensor:
-    """out (M, O) = x (M, K) @ dequant(W)^T + bias; float32, contiguous, on CPU; W = (O, K) from
-    uint8 `packed` and its QuantState. Output rows are split over `threads` (OpenMP threads in
-    C, or Python threads when the library was built without OpenMP); see fb_matmul4 for why the
-    result does not depend on M or on the thread count."""
+    """out (..., O) = x (..., K) @ dequant(W)^T + bias: float32, contiguous, on CPU; W = (O, K)
+    from the uint8 view of `packed` and its QuantState. Output rows are split over `threads`
+    (OpenMP threads in C, or Python threads when the library was built without OpenMP); see
+    fb_matmul4 for why the result depends neither on the number of rows nor on the threads."""
     lib = _lib()
     omp, avx2 = _features()
-    m, k = x.shape
-    o = out.shape[1]
-    nested = state.nested
-    if nested is None:
-        dq = (state.absmax.data_ptr(), None, None, 1, 0.0)
-    else:
-        dq = (nested.absmax.data_ptr(), state.absmax.data_ptr(), nested.code.data_ptr(), nested.blocksize,
-              nested.offset)
-    head = (x.data_ptr(), m, k, o, packed.data_ptr(), dq[0], state.code.data_ptr(), state.blocksize, *dq[1:],
-            None if bias is None else bias.data_ptr(), out.data_ptr())
+    o, k = state.shape
+    m = x.numel() // k
+    w = _descriptor(packed, state)
+    b = None if bias is None else bias.data_ptr()
     if omp or threads <= 1:
-        rc = lib.fb_matmul4(*head, 0, o, threads, avx2)
+        rc = lib.fb_matmul4(x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr(), 0, o, threads, avx2)
     else:
         step = -(-o // threads)
-        futures = [_pool(threads).submit(lib.fb_matmul4, *head, a, min(a + step, o), 1, avx2)
+        args = (x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr())
+        futures = [_pool(threads).submit(lib.fb_matmul4, *args, a, min(a + step, o), 1, avx2)
                    for a in range(0, o, step)]
         rc = min(f.result() for f in futures)
     if rc:
