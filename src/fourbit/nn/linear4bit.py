@@ -49,7 +49,7 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
 def skinny(x: torch.Tensor, in_features: int) -> bool:
     """True when `matmul_4bit` beats dequantize + matmul for x and no gradient is needed: on a CPU
     up to SKINNY_MAX_ROWS rows (the C kernel), on CUDA one row (the Triton gemv)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or x.dtype == torch.float64:  # float64: a reference run
         return False
     rows = x.numel() // in_features
     return rows <= SKINNY_MAX_ROWS if x.device.type == "cpu" else rows == 1 and x.is_cuda
@@ -180,10 +180,10 @@ class Linear4bit(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if skinny(x, self.in_features):  # generation: straight from the codes, no weight-sized buffer
-            xc = x if x.device.type == "cpu" else x.to(self.compute_dtype or x.dtype)  # CPU: float32 inside
-            return matmul_4bit(xc, self.packed, self.quant_state, self.bias).to(x.dtype)
         cd = self.compute_dtype or x.dtype
+        if cd != torch.float64 and skinny(x, self.in_features):  # generation: no weight-sized buffer
+            xc = x if x.device.type == "cpu" else x.to(cd)  # the CPU kernel computes in float32
+            return matmul_4bit(xc, self.packed, self.quant_state, self.bias).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(cd)
         y = _Linear4bitFn.apply(x.to(cd), self.packed, self.quant_state, bias)
         return y.to(x.dtype)

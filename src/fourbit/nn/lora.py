@@ -104,7 +104,8 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         if isinstance(base, Linear4bit):  # the fused path: one autograd node, see _QLoraLinearFn
             trains = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
-            if not (torch.is_grad_enabled() and trains) and skinny(x, self.in_features):
+            if not (torch.is_grad_enabled() and trains) and base.compute_dtype != torch.float64 \
+                    and skinny(x, self.in_features):
                 return self._forward_skinny(x)
             cd = base.compute_dtype or x.dtype
             xc = x.to(cd)
