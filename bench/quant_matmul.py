@@ -1,7 +1,8 @@
 """The CPU 4-bit skinny matmul (fourbit.quant.matmul_4bit) vs dequantize + F.linear, per layer
 shape and in batch-1 generation on SmolLM2-135M.
 
-    python bench/quant_matmul.py [--rows 1 8 16 32] [--tokens 48] [--rounds 2] [--skip-shapes] [--skip-generate]
+    python bench/quant_matmul.py [--rows 1 8 16 32] [--tokens 48] [--rounds 2] [--threads N]
+                                 [--skip-shapes] [--skip-generate]
 
 Shapes: SmolLM2-135M's linear layers (576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536
 down), NF4 + double quantization, blocksize 64; microseconds per call at torch's thread count,
@@ -95,7 +96,7 @@ def bench_generate(tokens: int, rounds: int):
     res = {"kernel": [], "dequantize": []}
     texts = {}
     for side in order:
-        cmd = [sys.executable, __file__, "--one", side, "--tokens", str(tokens)]
+        cmd = [sys.executable, __file__, "--one", side, "--tokens", str(tokens), "--threads", str(torch.get_num_threads())]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
@@ -122,10 +123,13 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the A-B-B-A pattern")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-shapes", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print("RESULT " + json.dumps(generate_one(args.one, args.tokens)))
         return

@@ -159,9 +159,11 @@ void fb_quant4(const void *x, int dtype, int64_t n, int64_t blocksize, const flo
  *
  * AVX2 path (K and blocksize multiples of 16): 16 elements = 8 packed bytes, widened to int32
  * lanes; the high nibbles (elements 2j) and low nibbles (elements 2j+1) are looked up in the
- * scaled 16-entry table as two 8-entry halves (vpermps reads the low 3 bits of each index)
- * blended on bit 3 of the code. Decoded rows and x are stored with each 16-element chunk
- * de-interleaved (evens, then odds), so the dot products need no shuffles. */
+ * 16-entry table as two 8-entry halves (vpermps reads the low 3 bits of each index) blended on
+ * bit 3 of the code. x is stored with each 16-element chunk de-interleaved (evens, then odds),
+ * and so are decoded rows, so the dot products need no shuffles. Up to 4 rows of x (and rows of
+ * W that start on a block) the decoded values go straight into the FMAs (fused_tile_avx2); more
+ * rows read them back from the L1 buffer, so each row of W is decoded once. */
 #include <stdlib.h>
 
 int fb_has_openmp(void) {
@@ -300,8 +302,74 @@ FB_AVX2 static void dot_rows_avx2(const float *wb, const float *xp, int64_t M, i
         for (m0 = 0; m0 < M; m0++) dot_tile_avx2(wb + r * K, xp, K, 1, 1, bias, y, O, o + r, m0);
 }
 
+/* One or two rows of x, K a multiple of the blocksize (every row of W starts a block): RT rows of
+ * W decoded in registers and used at once, no buffer. Each chain sees the same values in the
+ * same order as through the buffer (code[q] * scale is the same float32 product whether the
+ * table or the looked-up value is scaled), so both paths give the same bits. */
+FB_AVX2 static inline __attribute__((always_inline)) void fused_tile_avx2(
+        const fb_w4 *w, const float *xp, int64_t M, int64_t K, int64_t O, int64_t o, const int RT, const int MT,
+        const float *bias, float *y) {
+    const __m256 tlo = _mm256_loadu_ps(w->code), thi = _mm256_loadu_ps(w->code + 8);
+    const int64_t nb = K / w->bs, b0 = o * nb;
+    __m256 acc[4][4];
+    for (int r = 0; r < RT; r++)
+        for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+        __m256 s[4];
+        for (int r = 0; r < RT; r++) s[r] = _mm256_set1_ps(block_scale(w, b0 + r * nb + j));
+        for (int64_t c = j * w->bs; c < (j + 1) * w->bs; c += 16) {
+            __m256 xe[4], xo[4];
+            for (int m = 0; m < MT; m++) {
+                xe[m] = _mm256_loadu_ps(xp + m * K + c);
+                xo[m] = _mm256_loadu_ps(xp + m * K + c + 8);
+            }
+            for (int r = 0; r < RT; r++) {
+                const uint8_t *pr = w->packed + (((o + r) * K + c) >> 1);
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)pr));
+                const __m256i vh = _mm256_srli_epi32(v, 4);
+                const __m256 wh = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, vh),
+                    _mm256_permutevar8x32_ps(thi, vh), _mm256_castsi256_ps(_mm256_slli_epi32(v, 24))), s[r]);
+                const __m256 wl = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v),
+                    _mm256_permutevar8x32_ps(thi, v), _mm256_castsi256_ps(_mm256_slli_epi32(v, 28))), s[r]);
+                for (int m = 0; m < MT; m++) {
+                    acc[r][m] = _mm256_fmadd_ps(wh, xe[m], acc[r][m]);
+                    acc[r][m] = _mm256_fmadd_ps(wl, xo[m], acc[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < RT; r++)
+        for (int m = 0; m < MT; m++) {
+            float v = hsum8(acc[r][m]);
+            if (bias) v += bias[o + r];
+            y[m * O + o + r] = v;
+        }
+    (void)M;
+}
+
 FB_AVX2 static void mm_rows_avx2(const fb_w4 *w, const float *xp, int64_t M, int64_t K, int64_t O,
                                  const float *bias, float *y, int64_t o0, int64_t o1, float *wb) {
+    if (M <= 4 && K % w->bs == 0) {
+        int64_t o = o0;
+        switch (M) {
+            case 1:
+                for (; o + 4 <= o1; o += 4) fused_tile_avx2(w, xp, M, K, O, o, 4, 1, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 1, bias, y);
+                break;
+            case 2:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 2, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 2, bias, y);
+                break;
+            case 3:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 3, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 3, bias, y);
+                break;
+            default:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 4, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 4, bias, y);
+        }
+        return;
+    }
     for (int64_t o = o0; o < o1; o += FB_ROWS) {
         const int rows = (int)((o1 - o < FB_ROWS) ? o1 - o : FB_ROWS);
         for (int r = 0; r < rows; r++) decode_row_avx2(w, o + r, K, wb + r * K);
