@@ -35,6 +35,9 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-fno-fast-math", "-ffp-contrac
 _OPENMP = ["-fopenmp"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_BLOCKS_PER_THREAD = 256
+# Python threads cost ~50-100 us per split (an OpenMP fork/join with warm threads, ~1 us), so
+# without OpenMP a matmul is split only when its work is worth a few milliseconds.
+_MIN_PY_SPLIT = 1 << 23  # multiply-adds
 
 i64, c_int, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -230,8 +233,9 @@ def matmul4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | N
     m = x.numel() // k
     w = _descriptor(packed, state)
     b = None if bias is None else bias.data_ptr()
-    if omp or threads <= 1:
-        rc = lib.fb_matmul4(x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr(), 0, o, threads, avx2)
+    if omp or threads <= 1 or m * k * o < _MIN_PY_SPLIT:
+        rc = lib.fb_matmul4(x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr(), 0, o, threads if omp else 1,
+                            avx2)
     else:
         step = -(-o // threads)
         args = (x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr())
