@@ -71,3 +71,20 @@ def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantSta
     w = dequantize_4bit(p, state, dtype)  # (O, K)
     y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     return y.to(x.dtype)
+
+
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a float weight, with matmul_4bit's guarantee on a CPU: each output
+    row is bit-identical whether x has 1 row or many (BLAS picks different kernels for 1 row and for
+    8, so F.linear's rows differ in the last bits). For the small float products beside a 4-bit one
+    in batched decoding: a LoRA adapter's A and B, an unquantized lm_head. float32 arithmetic; off
+    the CPU, or without the C kernel, it is F.linear (no guarantee).
+    """
+    if x.device.type != "cpu" or not cpu.available():
+        return F.linear(x, weight, bias)
+    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    w = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = cpu.matmul_f32(x2, w, bias, torch.empty((*x.shape[:-1], w.shape[0])), torch.get_num_threads())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

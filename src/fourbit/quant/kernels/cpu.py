@@ -76,6 +76,8 @@ def _build() -> ctypes.CDLL | None:
     lib.fb_has_f16.restype = c_int
     lib.fb_matmul4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
     lib.fb_matmul4.restype = c_int
+    lib.fb_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
+    lib.fb_matmul_f32.restype = c_int
     lib.fb_has_openmp.restype = c_int
     lib.fb_has_avx2.restype = c_int
     return lib
@@ -244,4 +246,16 @@ def matmul4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | N
         rc = min(f.result() for f in futures)
     if rc:
         raise MemoryError(f"fourbit: the CPU 4-bit matmul could not allocate its scratch ({m} x {k} floats)")
+    return out
+
+
+def matmul_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+               threads: int) -> torch.Tensor:
+    """out (..., O) = x (..., K) @ weight (O, K)^T + bias, all float32 and contiguous on CPU, each
+    output element computed the same way whatever the number of rows (fb_matmul_f32)."""
+    omp, avx2 = _features()
+    o, k = weight.shape
+    m = x.numel() // k
+    _lib().fb_matmul_f32(x.data_ptr(), m, k, o, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), 0, o, threads if omp else 1, avx2)
     return out

@@ -210,24 +210,27 @@ static void decode_row_scalar(const fb_w4 *w, int64_t o, int64_t K, float *dst) 
     }
 }
 
+/* Four interleaved partial sums, combined in a fixed order. */
+static inline float dot_scalar(const float *w, const float *x, int64_t K) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int64_t i = 0;
+    for (; i + 4 <= K; i += 4) {
+        a0 += w[i] * x[i];
+        a1 += w[i + 1] * x[i + 1];
+        a2 += w[i + 2] * x[i + 2];
+        a3 += w[i + 3] * x[i + 3];
+    }
+    for (; i < K; i++) a0 += w[i] * x[i];
+    return (a0 + a1) + (a2 + a3);
+}
+
 static void mm_rows_scalar(const fb_w4 *w, const float *x, int64_t M, int64_t K, int64_t O, const float *bias,
                            float *y, int64_t o0, int64_t o1, float *wrow) {
     for (int64_t o = o0; o < o1; o++) {
         decode_row_scalar(w, o, K, wrow);
         for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int64_t i = 0;
-            for (; i + 4 <= K; i += 4) {
-                a0 += wrow[i] * xr[i];
-                a1 += wrow[i + 1] * xr[i + 1];
-                a2 += wrow[i + 2] * xr[i + 2];
-                a3 += wrow[i + 3] * xr[i + 3];
-            }
-            for (; i < K; i++) a0 += wrow[i] * xr[i];
-            float v = (a0 + a1) + (a2 + a3);
-            if (bias) v += bias[o];
-            y[m * O + o] = v;
+            const float v = dot_scalar(wrow, x + m * K, K);
+            y[m * O + o] = bias ? v + bias[o] : v;
         }
     }
 }
@@ -437,4 +440,44 @@ int fb_matmul4(const float *x, int64_t M, int64_t K, int64_t O, const fb_w4 *wq,
     }
     free(xp);
     return failed ? -1 : 0;
+}
+
+/* y (M, O) = x (M, K) @ W^T (+ bias) for a float32 W (O, K), row-major: the small float32 products
+ * that sit next to a 4-bit one (a LoRA adapter's A and B, an lm_head), with the same guarantee as
+ * fb_matmul4 -- y[m, o] is one chain of multiply-adds over k in a fixed order, whatever M, the
+ * tiling and the threads -- which BLAS does not give (its kernels for 1 row and for 8 differ). */
+int fb_matmul_f32(const float *x, int64_t M, int64_t K, int64_t O, const float *w, const float *bias, float *y,
+                  int64_t o0, int64_t o1, int nthreads, int use_avx2) {
+    if (o1 <= o0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (o1 - o0 < nthreads) nthreads = (int)(o1 - o0);
+    const int64_t step = (o1 - o0 + nthreads - 1) / nthreads;
+    int avx2 = 0;
+#ifdef FB_X86
+    avx2 = use_avx2 && K % 8 == 0;
+#endif
+    (void)use_avx2;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) if (nthreads > 1)
+#endif
+    for (int t = 0; t < nthreads; t++) {
+        const int64_t a = o0 + t * step, z = (a + step < o1) ? a + step : o1;
+#ifdef FB_X86
+        if (avx2) {
+            for (int64_t o = a; o < z; o += FB_ROWS) {
+                const int rows = (int)((z - o < FB_ROWS) ? z - o : FB_ROWS);
+                dot_rows_avx2(w + o * K, x, M, K, rows, bias, y, O, o);
+            }
+            continue;
+        }
+#endif
+        for (int64_t o = a; o < z; o++) {
+            const float *wr = w + o * K;
+            for (int64_t m = 0; m < M; m++) {
+                const float v = dot_scalar(wr, x + m * K, K);
+                y[m * O + o] = bias ? v + bias[o] : v;
+            }
+        }
+    }
+    return 0;
 }
