@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_bnb, requires_peft, tiny_model
+from conftest import bnb_exact, requires_bnb, requires_peft, tiny_model
 from fourbit.errors import UserError
 from fourbit.models import load_model
 from fourbit.nn import add_lora, load_adapter, lora_modules, save_adapter
@@ -33,7 +33,8 @@ def _bnb_peft(path, quant="nf4"):
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    return bnb_exact(AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                         dtype=torch.float32))
 
 
 def test_save_layout(tmp_path):
