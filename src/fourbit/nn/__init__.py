@@ -3,11 +3,11 @@
 from fourbit.nn.adapters import load_adapter, read_adapter_config, save_adapter
 from fourbit.nn.inject import (LoraConfig, add_lora, find_linear_names, lora_modules, merge_lora,
                                prepare_for_training, trainable_summary)
-from fourbit.nn.linear4bit import Linear4bit, default_compute_dtype
+from fourbit.nn.linear4bit import Linear4bit, default_compute_dtype, dequantize_hook
 from fourbit.nn.lora import LoraLinear
 
 __all__ = [
     "Linear4bit", "LoraLinear", "LoraConfig", "add_lora", "find_linear_names", "lora_modules", "merge_lora",
     "prepare_for_training", "trainable_summary", "save_adapter", "load_adapter", "read_adapter_config",
-    "default_compute_dtype",
+    "default_compute_dtype", "dequantize_hook",
 ]

@@ -93,7 +93,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
         if is_norm(m) and any(p.dtype == torch.float16 for p in m.parameters(recurse=False)):
             m.float()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if getattr(model, "config", None) is not None:
