@@ -1,4 +1,4 @@
-"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5, SPEC §8).
+"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5; qlora.py's DataCollatorForCausalLM).
 
 An example becomes a list of segments (text, trained?). Prompt segments get label -100 (IGNORE);
 response segments keep their token ids as labels, so the loss covers every assistant turn of a
@@ -27,7 +27,7 @@ reported like bad rows.
 
 from __future__ import annotations
 
-from fourbit.data.formats import DataReport, Example
+from fourbit.data.example import DataReport, Example
 from fourbit.errors import UserError
 
 IGNORE = -100  # label of a token the loss skips (torch's cross_entropy ignore_index)
