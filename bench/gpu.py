@@ -358,7 +358,7 @@ def bnb_quantize_model(ctx, model):
     import bitsandbytes as bb
 
     from fourbit.nn import find_linear_names
-    from fourbit.nn.inject import _set_module
+    from fourbit.nn import set_module
 
     for name in find_linear_names(model):
         lin = model.get_submodule(name)
@@ -366,7 +366,7 @@ def bnb_quantize_model(ctx, model):
                              quant_type="nf4", compress_statistics=True, device="meta")
         q.weight = bb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
                                     compress_statistics=True).to(ctx.dev)
-        _set_module(model, name, q)
+        set_module(model, name, q)
         lin.weight = None
     return model
 

@@ -24,10 +24,11 @@ from fourbit.data.batching import batch_order, collate, pack_examples, split_eva
 from fourbit.data.builtin import builtin_examples, reference_answer, score_builtin
 from fourbit.data.example import DataReport, Example
 from fourbit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, detect_format, iter_jsonl, load_examples, read_rows
-from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, tokenize_examples
+from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, render_chat, tokenize_examples
 
 __all__ = [
     "FORMATS", "ALPACA_WITH_INPUT", "ALPACA_NO_INPUT", "Example", "DataReport", "load_examples", "read_rows",
     "detect_format", "tokenize_examples", "chat_segments", "prompt_text", "IGNORE", "split_eval", "batch_order",
     "collate", "pack_examples", "builtin_examples", "reference_answer", "score_builtin", "iter_jsonl",
+    "render_chat",
 ]

@@ -96,6 +96,17 @@ def prompt_text(example: Example, tokenizer) -> str:
     return "".join(t + (eos if r == "assistant" else "") for r, t in turns)
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Messages ({role, content}) as the text a model reads: the tokenizer's chat template, or, when
+    it has none, the layout fourbit trains with (see _FALLBACK_NOTE), so generation reads like training."""
+    if _has_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    turns = [(m["role"], m["content"]) for m in messages]
+    if add_generation_prompt:
+        return "".join(t for t, _ in _fallback_segments(turns + [("assistant", "")])[:-1])
+    return "".join(t for t, _ in _fallback_segments(turns))
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]

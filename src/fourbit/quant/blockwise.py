@@ -40,7 +40,7 @@ NESTED_BLOCKSIZE = 256  # QLoRA §3: the block constants are quantized in blocks
 
 
 # -- validation ----------------------------------------------------------------------------------
-def _check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> None:
+def check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> None:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < lo or blocksize > hi \
             or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [{lo}, {hi}], got {blocksize!r}")
@@ -106,7 +106,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     _check_tensor(w, "the weight")
     x = w.detach().contiguous()
     packed, absmax = _quant4_dispatch(x, quant_type, blocksize, rounding)
