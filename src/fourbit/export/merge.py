@@ -125,24 +125,8 @@ class MergeReport:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
-    def summary(self) -> str:
-        kind = f"4-bit {self.quantize} ({self.dtype} compute)" if self.quantize else self.dtype
-        lines = [f"merged {self.adapter} into {self.model} -> {self.output} ({kind})",
-                 f"cost on {self.texts} texts / {self.tokens} tokens: max |logit diff| {self.max_abs_logit_diff:.3g}, "
-                 f"mean {self.mean_abs_logit_diff:.3g}, top-1 agreement {self.top1_agreement:.1%}; perplexity "
-                 f"{self.ppl_unmerged:.4f} unmerged -> {self.ppl_merged:.4f} merged ({self.ppl_change_pct:+.3f}%)"]
-        if self.gguf:
-            g = self.gguf
-            line = f"gguf {g['type']}: {g['path']} ({g['bytes'] / 2**20:.1f} MiB)"
-            if "max_abs_logit_diff" in g:
-                line += (f"; vs unmerged: max |logit diff| {g['max_abs_logit_diff']:.3g}, perplexity "
-                         f"{g['ppl']:.4f} ({g['ppl_change_pct']:+.3f}%)")
-            lines.append(line)
-            lines += [f"warning: {w}" for w in g.get("warnings", [])]
-        return "\n".join(lines)
 
-
-def merge_adapter(model_name_or_path: str | os.PathLike, adapter_dir: str | os.PathLike, output: str | os.PathLike,
+def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike,
                   eval_texts: list[str] | None = None, **options) -> MergeReport:
     """Merge a LoRA adapter into its base model and write the result to `output`; returns a MergeReport.
 
@@ -155,41 +139,41 @@ def merge_adapter(model_name_or_path: str | os.PathLike, adapter_dir: str | os.P
     """
     if not isinstance(options.get("check_gguf", "auto"), str):
         options["check_gguf"] = {v: k for k, v in CHECK_GGUF.items()}[options["check_gguf"]]
-    a = validate(MergeArgs(model=str(model_name_or_path), adapter=str(adapter_dir), output=str(output), **options))
+    a = validate(MergeArgs(model=str(model), adapter=str(adapter), output=str(output), **options))
     t0 = time.perf_counter()
     out_dtype = parse_dtype(a.dtype)
     quantize = normalize_quant(a.quantize)
     out = Path(output)
-    _check_output(out, a.overwrite, model_name_or_path, adapter_dir)
+    _check_output(out, a.overwrite, model, adapter)
     if a.gguf is not None:
-        _check_gguf_source(model_name_or_path)
+        _check_gguf_source(model)
     if eval_texts is None and a.eval_file:
         eval_texts = read_eval_file(a.eval_file)
-    base = ModelArgs(model=str(model_name_or_path), adapter=str(adapter_dir), quant=a.base_quant,
+    base = ModelArgs(model=str(model), adapter=str(adapter), quant=a.base_quant,
                      double_quant=a.double_quant, device=a.device, dtype="fp32")
-    model, tok = load_model_and_adapter(base, need_tokenizer="merge (to measure the merge and to copy it next to "
-                                                             "the merged weights)")
+    m, tok = load_model_and_adapter(base, need_tokenizer="merge (to measure the merge and to copy it next to "
+                                                         "the merged weights)")
     if a.gguf is not None:
-        check_gguf_supported(model.config)
+        check_gguf_supported(m.config)
     texts = resolve_eval_texts(eval_texts, tok)
     ids = [tokenize_text(tok, t, a.max_tokens) for t in texts]
-    reference = [_logits(model, x) for x in ids]  # the unmerged adapter model, fp32 compute
+    reference = [_logits(m, x) for x in ids]  # the unmerged adapter model, fp32 compute
 
-    merge_lora(model, dtype=out_dtype)  # W + scaling * B @ A in float32, then cast (see LoraLinear.merge)
-    dequantize_linears(model, out_dtype)  # base layers the adapter did not touch
-    model.to(out_dtype)
-    model.config.dtype = out_dtype
-    report = MergeReport(model=str(model_name_or_path), adapter=str(adapter_dir), output=str(out), dtype=a.dtype,
+    merge_lora(m, dtype=out_dtype)  # W + scaling * B @ A in float32, then cast (see LoraLinear.merge)
+    dequantize_linears(m, out_dtype)  # base layers the adapter did not touch
+    m.to(out_dtype)
+    m.config.dtype = out_dtype
+    report = MergeReport(model=str(model), adapter=str(adapter), output=str(out), dtype=a.dtype,
                          base_quant=normalize_quant(a.base_quant), quantize=quantize)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in m.parameters())
     _clear_output(out)
     gguf_path = None
     if a.gguf is not None:  # from the 16-bit merge, before any 4-bit rounding
         gguf_path = out / f"model-{a.gguf}.gguf"
-        warnings = write_gguf(model, tok, gguf_path, a.gguf)
+        warnings = write_gguf(m, tok, gguf_path, a.gguf)
         report.gguf = {"type": a.gguf, "path": str(gguf_path), "bytes": gguf_path.stat().st_size, "warnings": warnings}
-    _save_merged(model, tok, out, quantize, a.double_quant, out_dtype)
-    del model
+    _save_merged(m, tok, out, quantize, a.double_quant, out_dtype)
+    del m
 
     merged, _ = load_model(out, quant=quantize, compute_dtype=torch.float32, device=a.device, load_tokenizer=False)
     _fill_costs(report, reference, [_logits(merged, x) for x in ids], ids)
