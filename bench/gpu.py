@@ -242,7 +242,7 @@ def sec_quant(ctx):
                 diff = int((_nibbles(qb, n) != _nibbles(pk, n)).sum())
                 row("quant", f"{tag} {str(wdt)[6:]}: codes differing from bitsandbytes ({b.__name__} "
                     f"{'CUDA' if ctx.dev == 'cuda' else 'CPU'})", float(diff), note=f"of {n:,}; absmax equal: "
-                    f"{torch.equal(sb.absmax.float(), am)}; SPEC 2: CUDA fast-math flips ~5 in 16.8M for fp32")
+                    f"{torch.equal(sb.absmax.float(), am)}; bitsandbytes CUDA uses fast-math: ~5 in 16.8M flip for fp32")
         w = (torch.randn(shape, device=ctx.dev) * 0.02).to(torch.bfloat16)
         tq = eager_time(lambda: quantize_4bit(w), reps=10)
         tqb = "n/a"
