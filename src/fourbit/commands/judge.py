@@ -24,7 +24,8 @@ class JudgeArgs:
     one_order: bool = field(default=False, metadata={"help": "judge each pair once instead of in both orders"})
 
     def validate(self) -> list[str]:
-        p = [] if self.answers_a and self.answers_b else ["two answer files are required: fourbit judge A.jsonl B.jsonl"]
+        p = [] if self.answers_a and self.answers_b else ["two answer files are required: "
+                                                          "fourbit judge A.jsonl B.jsonl"]
         p += [] if self.judge in JUDGES else [f"--judge must be one of {', '.join(JUDGES)}, got {self.judge!r}"]
         p += [] if self.limit >= 0 else [f"--limit must be >= 0, got {self.limit}"]
         return p

@@ -23,7 +23,8 @@ masking, truncation), `batching` (split, order, collate, packing), `builtin` (th
 from fourbit.data.batching import batch_order, collate, pack_examples, split_eval
 from fourbit.data.builtin import builtin_examples, reference_answer, score_builtin
 from fourbit.data.example import DataReport, Example
-from fourbit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, detect_format, iter_jsonl, load_examples, read_rows
+from fourbit.data.formats import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, detect_format, iter_jsonl, load_examples,
+                                  read_rows)
 from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, render_chat, tokenize_examples
 
 __all__ = [

@@ -36,7 +36,7 @@ FORMATS = ("alpaca", "oasst", "chat", "io", "text")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BAD_ROW_POLICIES = ("skip", "error")
 
-# QLoRA's ALPACA_PROMPT_DICT (qlora.py in the paper's code), character for character; note the space after "### Response:".
+# QLoRA's ALPACA_PROMPT_DICT (the paper's qlora.py), character for character; note the space after "### Response:".
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")

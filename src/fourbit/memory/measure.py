@@ -59,7 +59,7 @@ def measure_step(plan: Plan, model_path: str | None = None, steps: int = 2, seed
             raise RuntimeError("measuring a CPU step's peak needs Linux (/proc/self/clear_refs)")
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(seed)
-    model, _ = load_model(model_path or plan.model, quant=None if plan.quant == "none" else plan.quant,
+    model, _ = load_model(model_path or plan.model, quant=plan.quant_type,
                           double_quant=plan.double_quant, compute_dtype=plan.compute_dtype, device=device,
                           blocksize=plan.blocksize,
                           load_tokenizer=False)

@@ -41,7 +41,7 @@ from fourbit.config import option, validate
 from fourbit.embedded import DEFAULT_MODEL, EMBEDDED, resolve_model
 from fourbit.errors import UserError
 from fourbit.memory.trace import Simulator, extrapolate
-from fourbit.models import QUANT_CHOICES, QuantizeArgs, meta_model
+from fourbit.models import QUANT_CHOICES, QuantizeArgs, meta_model, normalize_quant
 from fourbit.models.load import choice_problems
 from fourbit.nn import find_linear_names
 from fourbit.optim import OPTIMIZERS
@@ -181,6 +181,11 @@ class Plan:
         return p
 
     @property
+    def quant_type(self) -> str | None:
+        """nf4 / fp4, or None for a 16-bit base (--quant none)."""
+        return normalize_quant(self.quant)
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device == "cuda" else torch.float32
@@ -219,7 +224,7 @@ def held_parts(plan: Plan, config) -> tuple[dict[str, int], dict]:
     bs = plan.blocksize
     dq = lambda d: sum(quantized_nbytes(m.in_features * m.out_features, bs, d) for m in quantized)  # noqa: E731
     parts = {}
-    if plan.quant == "none":
+    if plan.quant_type is None:
         parts[WEIGHTS_16BIT] = lin * esize
     else:
         parts[WEIGHTS_4BIT] = dq(plan.double_quant)
@@ -227,7 +232,7 @@ def held_parts(plan: Plan, config) -> tuple[dict[str, int], dict]:
     parts[LORA_PARAMETERS] = 4 * lora
     parts[LORA_GRADIENTS] = 4 * lora
     parts[OPTIMIZER_STATES] = sum(_optimizer_state_bytes(plan.optim, a * b) for a, b in lora_shapes)
-    if plan.quant != "none":
+    if plan.quant_type is not None:
         parts[DEQUANT_BUFFER] = max(m.in_features * m.out_features for m in quantized) * esize
     if plan.device == "cuda":
         parts[CUDA_RUNTIME] = CUDA_CONTEXT
@@ -235,7 +240,7 @@ def held_parts(plan: Plan, config) -> tuple[dict[str, int], dict]:
              "lora_layers": len(adapted),
              "bits_per_parameter": {"with_double_quant": round(bits_per_parameter(bs, True), 4),
                                     "without_double_quant": round(bits_per_parameter(bs, False), 4),
-                                    "this_model": None if plan.quant == "none"
+                                    "this_model": None if plan.quant_type is None
                                     else round(8 * dq(plan.double_quant) / lin, 4)},
              "quantized_weights_bytes": {"with_double_quant": dq(True), "without_double_quant": dq(False)}}
     return parts, facts

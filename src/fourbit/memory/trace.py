@@ -12,7 +12,8 @@ log-sum-exp, not the T x T probabilities of the meta device's math fallback; deq
 returns the shared buffer (fourbit.nn's `dequantize_hook`; the buffer is a held part); on CUDA,
 dropout keeps a 1-byte mask (CPU keeps one in the activation dtype). A `Simulator` runs a fixed
 layer count; `extrapolate` carries its phases to L layers (every phase's peak is affine in the
-count of identical layers).
+count of identical layers). `plan` here is a fourbit.memory.Plan (read, never imported: the plan
+module drives the trace).
 """
 
 from __future__ import annotations
@@ -20,12 +21,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from fourbit.memory.plan import Plan
 
 
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -79,7 +76,7 @@ def _fused_attention(orig):
 
 
 @contextlib.contextmanager
-def _meta_kernels(plan: Plan, scratch: torch.Tensor):
+def _meta_kernels(plan, scratch: torch.Tensor):
     """What makes a meta-device step allocate what the real kernels allocate: fourbit.nn's
     dequantization hook, and patches of torch/transformers functions that have no such hook."""
     import transformers.masking_utils as mu
@@ -124,7 +121,7 @@ def _with_layers(config, n_layers: int):
     return type(config).from_dict(d)
 
 
-def _meta_training_model(plan: Plan, config, n_layers: int):
+def _meta_training_model(plan, config, n_layers: int):
     """The model `fourbit train` builds (4-bit linears, LoRA, checkpointing), on the meta device,
     with accumulated gradients and optimizer states in place (the steady state of training)."""
     from fourbit.models import meta_model
@@ -133,8 +130,8 @@ def _meta_training_model(plan: Plan, config, n_layers: int):
 
     dtype = plan.compute_dtype
     model = meta_model(_with_layers(config, n_layers), dtype)
-    if plan.quant != "none":
-        linear4bit_shells(model, find_linear_names(model), plan.quant, blocksize=plan.blocksize,
+    if plan.quant_type is not None:
+        linear4bit_shells(model, find_linear_names(model), plan.quant_type, blocksize=plan.blocksize,
                           double_quant=plan.double_quant, compute_dtype=dtype, dtype=dtype)
     add_lora(model, r=plan.r, alpha=plan.alpha, dropout=plan.dropout, target=plan.targets,
              gradient_checkpointing=plan.checkpointing, verbose=False)
@@ -158,7 +155,7 @@ def synthetic_labels(batch: int, seq: int, label_fraction: float) -> torch.Tenso
 class Simulator:
     """Simulated steps of one plan at a fixed layer count (models built once, steps cached)."""
 
-    def __init__(self, plan: Plan, config, n_layers: int):
+    def __init__(self, plan, config, n_layers: int):
         self.plan = plan
         self.model, self.params, self.opt = _meta_training_model(plan, config, n_layers)
         lin = [m for m in self.model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]

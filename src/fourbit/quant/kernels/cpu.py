@@ -49,7 +49,7 @@ def _build() -> ctypes.CDLL | None:
         return None
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    out_dir = Path(os.environ.get("FOURBIT_CACHE") or Path.home() / ".cache" / "fourbit") / "kernels"  # standalone: no fourbit import
+    out_dir = Path(os.environ.get("FOURBIT_CACHE") or Path.home() / ".cache" / "fourbit") / "kernels"  # not fourbit's
     lib_path = out_dir / f"cpu4bit-{key}.so"
     if not lib_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
