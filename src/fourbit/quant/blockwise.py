@@ -214,14 +214,22 @@ def _nearest_index(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def _lut_index(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes-CPU 8-bit rounding: a 65,536-entry table over (clamp(y,-1,1)+1)/2*65535 + 0.5.
+    """bitsandbytes-CPU 8-bit rounding: a 65,536-entry table indexed by trunc(fma(t, 65535, 0.5)).
 
-    The table maps each grid point k/65535*2-1 to its nearest level, so y takes the level nearest
-    to the grid point closest to it, not to y itself.
+    # Note: bitsandbytes' CPU 8-bit rule
+    bitsandbytes 0.50's CPU quantizer (csrc/cpu_ops.cpp, read from its compiled code) computes
+    t = (clamp(y, -1, 1) + 1) * 0.5 in float32, then k = trunc(fma(t, 65535, 0.5)): one fused
+    multiply-add, rounded to float32 once. Its table maps each grid point 2k/65535 - 1 to the
+    number of level midpoints strictly below it, so y takes the level nearest to the grid point
+    closest to it, not to y itself. Rounding t * 65535 before adding 0.5 (two roundings) moves k
+    by one for ~1 value in 10^7 that lies within ~1e-5 of a grid midpoint; emulating the fused
+    product in float64 (exact: a 24-bit t times a 16-bit 65535 fits 53 bits) then rounding to
+    float32 reproduces bitsandbytes' bytes.
     """
     grid = torch.arange(65536, dtype=torch.float32, device=y.device) / 65535 * 2 - 1
     table = _nearest_index(grid, code)
-    k = ((y.clamp(-1, 1) + 1) / 2 * 65535 + 0.5).to(torch.int64)
+    t = (y.float().clamp(-1, 1) + 1) * 0.5  # float32, as bitsandbytes
+    k = (t.double() * 65535 + 0.5).float().to(torch.int64)  # fma: exact in float64, one float32 rounding
     return table[k]
 
 
@@ -236,8 +244,12 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     nb = -(-n // blocksize)
     blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    y = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)[:n]  # (n,) in [-1, 1]
-    idx = _lut_index(y, code) if rounding == "bnb-cpu" else _nearest_index(y, code)
+    if rounding == "bnb-cpu":  # bitsandbytes' CPU path multiplies by a float32 reciprocal
+        y = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)[:n]  # (n,) in [-1, 1]
+        idx = _lut_index(y, code)
+    else:
+        y = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)[:n]
+        idx = _nearest_index(y, code)
     idx[(absmax == 0).repeat_interleave(blocksize)[:n]] = 0  # all-zero block: code 0 (x 0 = -0.0), like bnb
     return idx.to(torch.uint8).view(x.shape), absmax
 
