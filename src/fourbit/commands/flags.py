@@ -92,12 +92,25 @@ def parse_cli(classes, argv: list[str], prog: str, description: str | None = Non
     if unknown:
         raise UserError(f"unknown flag(s) {unknown}. Known flags: {', '.join(_flag(f.name) for f in fields)}")
     given = {n for n in names if getattr(ns, n) is not _UNSET} | set(yaml_values)
-    for n in names - given:
-        setattr(ns, n, parser.get_default(n))
+    for n in names:
+        if getattr(ns, n) is _UNSET:  # not on the command line: the YAML's value, else the field's default
+            setattr(ns, n, _typed(parser, n, yaml_path) if n in yaml_values else parser.get_default(n))
     values = vars(ns)
     configs = tuple(validate(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}))
                     for cls in classes)
     return (configs[0] if single else configs), given
+
+
+def _typed(parser, name: str, yaml_path: str):
+    """A YAML value as its flag would read it (a string "5" for an int option becomes 5)."""
+    value = parser.get_default(name)
+    action = next(a for a in parser._actions if a.dest == name)
+    if not isinstance(value, str) or action.type is None:
+        return value
+    try:
+        return action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"--config {yaml_path}: {name}: cannot read {value!r} as {_flag(name)} expects") from None
 
 
 def _positional(argv: list[str], positional: tuple[str, ...], fields: dict) -> list[str]:

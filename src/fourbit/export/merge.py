@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fourbit.config import validate
-from fourbit.embedded import DEFAULT_MODEL
+from fourbit.config import option, validate
 from fourbit.errors import UserError
 from fourbit.export.gguf import GGUF_TYPES, check_gguf_supported, write_gguf
 from fourbit.models import (QUANT_CHOICES, ModelArgs, bnb_quantization_config, bnb_skip_modules, load_config,
@@ -57,9 +56,9 @@ _DIALOGUE = [{"role": "user", "content": "How many legs does a spider have?"},
 class MergeArgs:
     """fourbit merge --model M --adapter A --output DIR"""
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "base model the adapter was trained on: directory, "
-                                                                "hub id or smollm2-135m"})
-    adapter: str = field(default="", metadata={"help": "LoRA adapter directory (PEFT format; required)"})
+    model: str = option(ModelArgs, "model", help="base model the adapter was trained on: model directory, .gguf "
+                                                 "file, hub id (owner/name), or the embedded smollm2-135m")
+    adapter: str | None = option(ModelArgs, "adapter", help="LoRA adapter directory (PEFT format; required)")
     output: str = field(default="", metadata={"help": "directory to write the merged model to (required)"})
     dtype: str = field(default="bf16", metadata={"help": f"dtype of the merged weights: {', '.join(DTYPES)}"})
     quantize: str | None = field(default=None, metadata={"help": f"quantize the merged weights to 4-bit "
@@ -70,8 +69,8 @@ class MergeArgs:
                                                              f"Llama architecture only"})
     base_quant: str = field(default="nf4", metadata={"help": f"how the adapter's base was loaded in training: "
                                                              f"{', '.join(QUANT_CHOICES)}"})
-    double_quant: bool = field(default=True, metadata={"help": "double quantization for the 4-bit base and for "
-                                                               "--quantize (--no-double-quant: off)"})
+    double_quant: bool = option(ModelArgs, "double_quant", help="double quantization for the 4-bit base and for "
+                                                                "--quantize (--no-double-quant: off)")
     eval_file: str | None = field(default=None, metadata={"help": "texts to measure the merge on: .jsonl with a "
                                                                   "\"text\" field, or one text per line (default: "
                                                                   "4 built-in texts)"})
@@ -80,7 +79,7 @@ class MergeArgs:
                                                               "per parameter) and measure it too: yes, no, or auto "
                                                               "(yes up to 1.5B parameters)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    device: str | None = option(ModelArgs, "device")
 
     def validate(self) -> list[str]:
         p = [] if self.adapter else ["--adapter DIR is required"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fourbit.embedded import DEFAULT_MODEL
+from fourbit.config import option
 from fourbit.errors import UserError
 from fourbit.models.gguf import load_gguf
-from fourbit.models.load import choice_problems, key_renamer, meta_model, parse_dtype, peak_rss_bytes, resolve_key
+from fourbit.models.load import ModelArgs, choice_problems, key_renamer, meta_model, parse_dtype, peak_rss_bytes, resolve_key
 from fourbit.models.source import TOKENIZER_FILES, checkpoint_keys, iter_checkpoint, load_config, resolve_source
 from fourbit.nn import find_linear_names, output_embedding_names, quantize_linears
 from fourbit.quant import DTYPES, QUANT_TYPES, quantize_4bit
@@ -33,12 +33,10 @@ from fourbit.quant.blockwise import ROUNDING, check_blocksize
 class QuantizeArgs:
     """fourbit quantize MODEL --output DIR"""
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model directory, .gguf file, embedded name "
-                                                                "(smollm2-135m) or hub id"})
+    model: str = option(ModelArgs, "model")
     output: str = field(default="", metadata={"help": "directory to write the 4-bit checkpoint to (required)"})
     quant: str = field(default="nf4", metadata={"help": f"4-bit data type: {' or '.join(QUANT_TYPES)}"})
-    double_quant: bool = field(default=True, metadata={"help": "8-bit quantize the block constants (QLoRA's DQ); "
-                                                               "--no-double-quant to keep them fp32"})
+    double_quant: bool = option(ModelArgs, "double_quant")
     blocksize: int = field(default=64, metadata={"help": "elements per quantization block (power of two, 32-4096)"})
     dtype: str | None = field(default=None, metadata={"help": f"cast weights to one of {', '.join(DTYPES)} first "
                                                               f"(default: as stored)"})
