@@ -20,7 +20,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fourbit.config import validate
 from fourbit.errors import UserError
 
 _UNSET = object()  # a namespace value argparse leaves alone when the flag is absent
@@ -96,8 +95,10 @@ def parse_cli(classes, argv: list[str], prog: str, description: str | None = Non
         if getattr(ns, n) is _UNSET:  # not on the command line: the YAML's value, else the field's default
             setattr(ns, n, _typed(parser, n, yaml_path) if n in yaml_values else parser.get_default(n))
     values = vars(ns)
-    configs = tuple(validate(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}))
-                    for cls in classes)
+    configs = tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}) for cls in classes)
+    problems = [p for c in configs for p in (c.validate() if hasattr(c, "validate") else [])]
+    if problems:  # every problem of every config at once
+        raise UserError("; ".join(problems))
     return (configs[0] if single else configs), given
 
 
