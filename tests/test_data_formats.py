@@ -44,7 +44,7 @@ def test_real_alpaca_rows_use_the_papers_templates():
 
 
 def test_alpaca_templates_are_the_papers_exactly():
-    """SPEC §8 / QLoRA's ALPACA_PROMPT_DICT, spelled out independently here."""
+    """QLoRA's ALPACA_PROMPT_DICT, spelled out independently here."""
     assert ALPACA_WITH_INPUT.format(instruction="I", input="X") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nI\n\n### Input:\nX\n\n"

@@ -176,13 +176,13 @@ def test_elo_on_the_papers_judgments_reproduces_its_ranking():
 
 
 def test_unreadable_and_bad_lines_are_counted_not_fatal(tmp_path, capsys):
-    from fourbit.eval.elo import elo_main
+    from fourbit.commands.elo import run as elo_main
 
     p = tmp_path / "j.jsonl"
     p.write_text('{"first": "a", "second": "b", "score": 1}\n{"first": "a", "second": "b", "score": -1}\nnot json\n'
                  '{"first": "b", "second": "a", "score": 3}\n')
-    assert elo_main([str(p), "--orderings", "50", "--json", str(tmp_path / "e.json")]) == 0
-    out = json.loads((tmp_path / "e.json").read_text())
+    assert elo_main([str(p), "--orderings", "50", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["matches"] == 2 and out["unreadable"] == 1 and set(out["ratings"]) == {"a", "b"}
     assert set(out["ci95"]) == {"a", "b"}
 

@@ -175,7 +175,7 @@ def test_16bit_and_requantized_merges_report_their_cost(setup, tok, tmp_path):
 def test_merges_match_bitsandbytes_and_peft(tok, tmp_path):
     """fp32 merge vs PEFT's unmerged bnb model; 4-bit merge vs PEFT's merge_and_unload (which requantizes).
 
-    Without double quantization bitsandbytes' CPU rounding equals ours (SPEC §2-3), so both sides
+    Without double quantization bitsandbytes' CPU rounding equals ours, so both sides
     hold the same 4-bit codes and only matmul summation order differs (atol 1e-4).
     """
     from peft import PeftModel

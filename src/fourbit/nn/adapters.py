@@ -1,4 +1,4 @@
-"""Adapters on disk in PEFT's format (SPEC §6): adapter_config.json + adapter_model.safetensors.
+"""Adapters on disk in PEFT's format (its `save_pretrained` layout): adapter_config.json + adapter_model.safetensors.
 
 Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, exactly what
 `PeftModel.save_pretrained` writes, so an adapter moves between fourbit and PEFT unchanged.
