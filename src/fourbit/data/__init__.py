@@ -6,6 +6,7 @@ resumable batching and packing, and the built-in demo task.
     examples, report = load_examples("data.jsonl")          # format="auto": alpaca/oasst/chat/io/text
     train, held = split_eval(examples, 0.02, seed=0)         # a fraction (< 1) or a count (>= 1)
     tokenized, stats = tokenize_examples(train, tokenizer, source_max_len=512, target_max_len=512,
+                                         context_len=2048,   # the model's max_position_embeddings
                                          report=report)      # labels -100 except responses (+ EOS)
     print(report.summary())                                  # used / skipped / truncated, with file:line
     lengths = [len(e["input_ids"]) for e in tokenized]
@@ -16,7 +17,8 @@ resumable batching and packing, and the built-in demo task.
 Modules: `formats` (reading files, detecting formats, DataReport), `tokenize` (templates, label
 masking, truncation), `batching` (split, order, collate, packing), `builtin` (the demo task:
 `load_examples("builtin")`, `builtin_examples(split, n)`, `score_builtin`). User mistakes
-(missing path, empty file, unknown format, every example truncated away) raise
+(missing path, empty file, unknown format, a file mixing formats, more than `max_bad_fraction`
+(5%) of the rows left out, every example truncated away) raise
 `fourbit.errors.UserError` with what was found and what to do; nothing is written to disk.
 """
 

@@ -2,7 +2,7 @@
 
 Every row becomes an `Example`: a list of turns (role, text) with role "system", "user",
 "assistant", or for plain text a single "text" turn. Formats, detected per file from the keys of
-its first rows (or forced with `format=`):
+every row (or forced with `format=`):
 
     alpaca   instruction, input (optional), output      -> the two ALPACA prompt templates (SPEC §8)
     oasst    text: "### Human: ... ### Assistant: ..."   -> one (prompt, reply) pair per assistant turn
@@ -16,6 +16,18 @@ Sources: a .json (a list of objects) / .jsonl / .csv / .parquet file, a director
 such path exists, a hub dataset name `owner/name[:split]` loaded through the optional `datasets`
 package. Every row carries where it came from (`file:line`, `file:row N` for parquet) so bad rows
 are reported precisely; on_bad_row="skip" skips and reports them, "error" stops at the first.
+
+Nothing is changed or dropped without a word:
+- A file whose rows are in different formats is an error naming the first row of each format
+  (unless the format is forced: then rows that do not fit it are bad rows).
+- A field that must be text and holds something else (a list, an object, a number, NaN, a
+  boolean) makes the row bad; it is never stringified into training text ("['w5', 'w6']", "nan").
+- A CSV row with more fields than its header (an unquoted comma) is bad, not cut at the comma.
+- At most `max_bad_fraction` (default 5%) of the rows read may be left out, counting rows skipped
+  as bad here and those the tokenizer's chat template refuses or truncation empties later
+  (`DataReport.check_left_out`); more is an error, so a mis-detected or mostly broken file stops
+  the run instead of training on what is left. 5% is a fraction, not a count, on purpose: one bad
+  row in a 10-row file is 10% of it, and the user hears about it.
 
 Refused on purpose: guessing field names beyond the aliases above (pass --format, or rename the
 columns), and reading pickled or custom-code datasets.
@@ -34,6 +46,7 @@ from fourbit.errors import UserError
 FORMATS = ("alpaca", "oasst", "chat", "io", "text")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BAD_ROW_POLICIES = ("skip", "error")
+MAX_BAD_FRACTION = 0.05  # of the rows read, the share that may be left out before it is an error
 
 # QLoRA's ALPACA_PROMPT_DICT (SPEC §8), character for character; note the space after "### Response:".
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -70,8 +83,11 @@ class DataReport:
     # conversation the tokenizer's template refused)
     truncated: int = 0  # examples cut to fit source/target max lengths (still used)
     truncated_examples: list[str] = field(default_factory=list)  # "file:line: what was cut"
+    context_truncated: int = 0  # of `truncated`, those cut to fit the model's context (context_len)
+    context_len: int | None = None  # the model's context, when tokenize_examples was given one
     dropped_truncated: int = 0  # examples left with no response token after truncation (not used)
     dropped_examples: list[str] = field(default_factory=list)  # "file:line: why"
+    max_bad_fraction: float = MAX_BAD_FRACTION  # see check_left_out
 
     notes: list[str] = field(default_factory=list)  # e.g. "no chat template: ..."
 
@@ -81,7 +97,10 @@ class DataReport:
         if self.skipped:
             s += f", {len(self.skipped)} skipped (e.g. {self.skipped[0]})"
         if self.truncated:
-            s += f", {self.truncated} truncated (e.g. {self.truncated_examples[0]})"
+            s += f", {self.truncated} truncated"
+            if self.context_truncated:
+                s += f" ({self.context_truncated} to the model's context of {self.context_len} tokens)"
+            s += f" (e.g. {self.truncated_examples[0]})"
         if self.dropped_truncated:
             s += f", {self.dropped_truncated} dropped because truncation left no response (e.g. " \
                  f"{self.dropped_examples[0]})"
@@ -102,11 +121,31 @@ class DataReport:
         return {"source": self.source, "format": self.format, "rows": self.rows, "used": self.used,
                 "skipped": len(self.skipped), "skipped_examples": self.skipped[:limit],
                 "truncated": self.truncated, "truncated_examples": self.truncated_examples[:limit],
+                "context_truncated": self.context_truncated, "context_len": self.context_len,
                 "dropped_truncated": self.dropped_truncated, "dropped_examples": self.dropped_examples[:limit],
                 "notes": list(self.notes)}
 
+    def left_out(self) -> int:
+        """Rows read that will not be trained on: skipped as bad, refused, or emptied by truncation."""
+        return len(self.skipped) + self.dropped_truncated
+
+    def check_left_out(self) -> None:
+        """A UserError when more than max_bad_fraction of the rows read were left out."""
+        n = self.left_out()
+        if not self.rows or n <= self.max_bad_fraction * self.rows:
+            return
+        why = [f"{len(self.skipped)} skipped as bad"] if self.skipped else []
+        why += [f"{self.dropped_truncated} emptied by truncation"] if self.dropped_truncated else []
+        first = (self.skipped or self.dropped_examples)[0]
+        raise UserError(f"{self.source}: {n} of {self.rows} rows ({100 * n / self.rows:.3g}%) would be left out "
+                        f"({', '.join(why)}), more than max_bad_fraction {100 * self.max_bad_fraction:.3g}%; "
+                        f"first: {first}. Fix those rows (or the format or length settings), or allow it with "
+                        f"--max-bad-fraction (a fraction of the rows; 1 allows any)")
+
 
 # -- reading rows: (where, row) pairs ---------------------------------------------------------------
+class _BadRow(str):
+    """A row a reader could not take apart (its text is why): parsing reports it as a bad row."""
 def iter_jsonl(path: str | Path):
     """(line number, parsed row) for each non-blank line; a line that is not JSON is a UserError
     naming file:line."""
@@ -175,7 +214,12 @@ def _read_csv(path: Path) -> list[tuple[str, dict]]:
         _ = reader.fieldnames  # reads the header
         start = reader.line_num + 1
         for r in reader:  # line_num counts physical lines, so quoted multi-line fields keep lines right
-            rows.append((f"{path}:{start}", {k: v for k, v in r.items() if k is not None}))
+            extra = r.pop(None, None)  # DictReader's place for fields beyond the header
+            if extra is not None:  # an unquoted comma: the row is bad, never cut at the comma
+                r = _BadRow(f"{len(reader.fieldnames) + len(extra)} fields but the header names "
+                            f"{len(reader.fieldnames)} (an unquoted comma or quote?); quote fields that contain "
+                            f"commas")
+            rows.append((f"{path}:{start}", r))
             start = reader.line_num + 1
     return rows
 
@@ -248,20 +292,46 @@ def _first(row: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in row), None)
 
 
-def detect_format(rows: list[tuple[str, object]], source: str) -> str:
-    """The format whose keys the first 20 rows carry (see the module docstring), or a UserError."""
-    sample = [r for _, r in rows[:20] if isinstance(r, dict)]
-    keys = {str(k) for r in sample for k in r}
-    if any(isinstance(r.get("messages", r.get("conversations")), list) for r in sample):
+def _row_format(row: object) -> str | None:
+    """The format a single row's keys name, or None for a row no format claims.
+
+    Lenient on purpose: a row with the format's key fields but missing or empty values still
+    belongs to that format (and is reported as a bad row of it when parsed)."""
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row or "conversations" in row:
         return "chat"
-    if {"instruction", "output"} <= keys:
+    if "instruction" in row:
         return "alpaca"
-    if keys & set(_IO_INPUT) and keys & set(_IO_OUTPUT):
+    has_in, has_out = _first(row, _IO_INPUT) is not None, _first(row, _IO_OUTPUT) is not None
+    if has_in and has_out:
         return "io"
-    if "text" in keys:
-        texts = [r.get("text") for r in sample]
-        return "oasst" if any(isinstance(t, str) and _OASST_TURN.search(t) for t in texts) else "text"
-    found = f"rows with keys {sorted(keys)}" if sample else \
+    if "text" in row:
+        t = row["text"]
+        return "oasst" if isinstance(t, str) and _OASST_TURN.search(t) else "text"
+    return "io" if has_in or has_out else None
+
+
+def detect_format(rows: list[tuple[str, object]], source: str) -> str:
+    """The one format every row of a file names (see _row_format), or a UserError: rows in no known
+    format, or rows in two or more formats (naming the first row of each)."""
+    first: dict[str, str] = {}  # format -> where its first row is
+    count: dict[str, int] = {}
+    for where, row in rows:
+        fmt = _row_format(row)
+        if fmt is not None:
+            first.setdefault(fmt, where)
+            count[fmt] = count.get(fmt, 0) + 1
+    if len(first) == 1:
+        return next(iter(first))
+    if len(first) > 1:
+        kinds = ", ".join(f"{f} ({count[f]} row{'s' * (count[f] > 1)}, first {w})" for f, w in first.items())
+        raise UserError(f"{source}: rows in {len(first)} formats: {kinds}. A file holds one format: fix or move "
+                        f"the rows of the other format(s), or pass --format to parse every row as one format "
+                        f"(rows that do not fit it are then skipped and counted)")
+    dicts = [r for _, r in rows if isinstance(r, dict)]
+    keys = {str(k) for r in dicts[:20] for k in r}
+    found = f"rows with keys {sorted(keys)}" if dicts else \
         f"rows of type {sorted({type(r).__name__ for _, r in rows[:20]})}"
     raise UserError(f"{source}: {found} match no known format. Known formats: {_FORMAT_HELP}. Rename the "
                     f"fields, or pass --format to choose one")
@@ -269,19 +339,22 @@ def detect_format(rows: list[tuple[str, object]], source: str) -> str:
 
 def _text_field(row: dict, key: str) -> str:
     v = row.get(key)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = str(v)  # numeric answers ("output": 42) are text too
     if v is None or (isinstance(v, str) and not v.strip()):
         raise ValueError(f"missing or empty field {key!r}")
+    return _check_text(v, f"field {key!r}")
+
+
+def _check_text(v: object, what: str) -> str:
+    """v itself if it is text; a number, NaN, list or object is never turned into training text."""
     if not isinstance(v, str):
-        raise ValueError(f"field {key!r} must be text, got {type(v).__name__}")
+        raise ValueError(f"{what} must be text, got {type(v).__name__}")
     return v
 
 
 def _alpaca(row: dict) -> Example:
     inst, out = _text_field(row, "instruction"), _text_field(row, "output")
     inp = row.get("input")
-    inp = "" if inp is None else str(inp)
+    inp = "" if inp is None else _check_text(inp, "field 'input'")
     prompt = ALPACA_WITH_INPUT.format(instruction=inst, input=inp) if inp.strip() else \
         ALPACA_NO_INPUT.format(instruction=inst)
     return Example([("user", prompt), ("assistant", out)])
@@ -315,12 +388,13 @@ def _chat(row: dict) -> Example:
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"{key}[{j}] must be an object with role and content, got {type(m).__name__}")
-        role, content = _ROLES.get(m.get("role", m.get("from"))), m.get("content", m.get("value"))
+        given, content = m.get("role", m.get("from")), m.get("content", m.get("value"))
+        role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
-            raise ValueError(f"{key}[{j}] has role {m.get('role', m.get('from'))!r}; expected system, user or "
-                             f"assistant")
-        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"{key}[{j}] has role {given!r}; expected system, user or assistant")
+        if content is None or (isinstance(content, str) and not content.strip()):
             raise ValueError(f"{key}[{j}] ({role}) has missing or empty content")
+        _check_text(content, f"{key}[{j}] ({role}) content")
         turns.append((role, content))
     if not any(r == "assistant" for r, _ in turns):
         raise ValueError(f"no assistant message in {key!r}")
@@ -344,6 +418,8 @@ def parse_rows(rows: list[tuple[str, object]], format: str, on_bad_row: str, rep
     out = []
     for where, row in rows:
         try:
+            if isinstance(row, _BadRow):
+                raise ValueError(str(row))
             if not isinstance(row, dict):
                 raise ValueError(f"expected an object with fields, got {type(row).__name__}")
             ex = PARSERS[format](row)
@@ -358,31 +434,39 @@ def parse_rows(rows: list[tuple[str, object]], format: str, on_bad_row: str, rep
     return out
 
 
-def load_examples(source: str, format: str = "auto", on_bad_row: str = "skip") -> tuple[list[Example], DataReport]:
+def load_examples(source: str, format: str = "auto", on_bad_row: str = "skip",
+                  max_bad_fraction: float = MAX_BAD_FRACTION) -> tuple[list[Example], DataReport]:
     """Read `source` (file, directory, 'builtin' or hub name) into Examples and a DataReport.
 
-    format: "auto" (detected per file) or one of FORMATS. on_bad_row: "skip" (report file:line and
-    go on) or "error" (stop with a UserError at the first bad row). Raises UserError when the source
-    is missing, empty, in no known format, or has no usable row.
+    format: "auto" (detected per file, from every row) or one of FORMATS. on_bad_row: "skip"
+    (report file:line and go on) or "error" (stop with a UserError at the first bad row).
+    max_bad_fraction: the share of the rows read that may be skipped (here) or dropped later by
+    tokenize_examples before it is a UserError (0: none, 1: any). Raises UserError when the
+    source is missing, empty, in no known format, mixes formats in one file, or has no usable row.
     """
     if format != "auto" and format not in PARSERS:
         raise UserError(f"unknown format {format!r}; expected auto or one of {', '.join(FORMATS)}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise UserError(f"on_bad_row must be skip or error, got {on_bad_row!r}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise UserError(f"max_bad_fraction must be between 0 and 1, got {max_bad_fraction}")
     if source == "builtin":
         from fourbit.data.builtin import builtin_examples
 
         ex = builtin_examples()
-        return ex, DataReport(source="builtin", format="chat", rows=len(ex), used=len(ex))
+        return ex, DataReport(source="builtin", format="chat", rows=len(ex), used=len(ex),
+                              max_bad_fraction=max_bad_fraction)
     files = read_files(source)
     n_rows = sum(len(rows) for rows in files.values())
     if n_rows == 0:
         raise UserError(f"dataset {source} is empty: {len(files)} file(s) and no rows to train on")
     formats = {f: format if format != "auto" else detect_format(rows, f) for f, rows in files.items() if rows}
-    report = DataReport(source=source, format="+".join(sorted(set(formats.values()))), rows=n_rows)
+    report = DataReport(source=source, format="+".join(sorted(set(formats.values()))), rows=n_rows,
+                        max_bad_fraction=max_bad_fraction)
     out = [ex for f, fmt in formats.items() for ex in parse_rows(files[f], fmt, on_bad_row, report)]
     if not out:
         raise UserError(f"no usable rows in {source} (format {report.format}): all {n_rows} rows were skipped, "
                         f"e.g. {report.skipped[0]}. Check the field names, or pass --format")
     report.used = len(out)
+    report.check_left_out()
     return out, report
