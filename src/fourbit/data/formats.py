@@ -225,6 +225,9 @@ def _read_csv(path: Path) -> list[tuple[str, dict]]:
 
 
 def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    from fourbit.files import check_parquet
+
+    check_parquet(path)  # a text file named .parquet: say so, not "install pyarrow" or an Arrow traceback
     try:
         import pyarrow.parquet as pq
 
