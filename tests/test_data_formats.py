@@ -342,3 +342,62 @@ def test_dropping_more_than_five_percent_of_rows_is_an_error(tmp_path, n_bad, ok
 def test_bad_fraction_argument_is_checked():
     with pytest.raises(UserError, match=r"max_bad_fraction must be between 0 and 1, got 1.5"):
         load_examples("builtin", max_bad_fraction=1.5)
+
+
+# -- JSON lines written by a killed writer (issue 12 item 12) ------------------------------------------------
+from fourbit.data.formats import iter_jsonl, partial_last_line, truncate_partial_line  # noqa: E402
+
+_ROWS = [{"step": 1, "loss": 2.5}, {"question_id": "7", "text": "日本語 é"}, {"step": 3, "raw": "a\nb"}]
+
+
+def _complete(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def test_every_cut_of_the_last_line_is_tolerated_reported_and_repaired(tmp_path):
+    """A writer killed mid-line (at every byte of the record, inside UTF-8 characters too) leaves
+    complete lines that read back, a partial tail that is reported, and a file that appends cleanly."""
+    head, last = _complete(_ROWS[:2]), _complete(_ROWS[2:])
+    path = tmp_path / "out.jsonl"
+    for cut in range(1, len(last) - 1):  # the whole record but its "\n" is a complete line, see below
+        path.write_bytes(head + last[:cut])
+        with pytest.raises(UserError, match=rf"out.jsonl:3: not valid JSON.*partial last line"):
+            list(iter_jsonl(path))
+        assert [r for _, r in iter_jsonl(path, allow_partial_last=True)] == _ROWS[:2]
+        tail = partial_last_line(path)
+        assert (tail.line, tail.data) == (3, last[:cut])
+        assert truncate_partial_line(path) == tail and path.read_bytes() == head
+        with open(path, "a", encoding="utf-8") as f:  # the writer resumes
+            f.write(json.dumps(_ROWS[2]) + "\n")
+        assert [r for _, r in iter_jsonl(path)] == _ROWS
+    assert partial_last_line(path) is None and truncate_partial_line(path) is None
+
+
+def test_a_complete_last_line_without_its_newline_is_kept_and_ended(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(_complete(_ROWS)[:-1])
+    assert [r for _, r in iter_jsonl(path)] == _ROWS and partial_last_line(path) is None
+    assert truncate_partial_line(path) is None and path.read_bytes() == _complete(_ROWS)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b'{"a": 1}\n{"a": \n{"a": 3}\n{"a', r"out.jsonl:2: not valid JSON"),  # only the last line may be partial
+    (b'{"a": 1}\n{"a": 2\n', r"out.jsonl:2: not valid JSON"),  # a line ended by "\n" was written whole
+    (b'{"a": 1}\n{"a": "\xff"}\n', r"out.jsonl:2: not UTF-8 text"),
+])
+def test_only_the_last_line_may_be_partial(tmp_path, content, msg):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=msg):
+        list(iter_jsonl(path, allow_partial_last=True))
+    if content.endswith(b"\n"):
+        assert partial_last_line(path) is None and truncate_partial_line(path) is None
+        assert path.read_bytes() == content  # nothing is cut from a file whose lines are all complete
+
+
+def test_objects_only(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"a": 1}\n[1, 2]\n')
+    assert [r for _, r in iter_jsonl(path)] == [{"a": 1}, [1, 2]]
+    with pytest.raises(UserError, match=r"out.jsonl:2: expected a JSON object, got list"):
+        list(iter_jsonl(path, objects=True))

@@ -260,3 +260,51 @@ def test_answer_files_with_different_questions_are_refused(tmp_path):
     a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2, 3]), _answers(tmp_path / "b.jsonl", "beta", [1, 2, 4])
     with pytest.raises(UserError, match=r"only in .*a.jsonl: \['3'\]; only in .*b.jsonl: \['4'\]"):
         run_judging(a, b, HumanJudge(), str(tmp_path / "j.jsonl"))
+
+
+# -- files left by a killed writer, and lines that are not objects (issue 12 items 12, 13) -----------------
+class _FixedJudge:
+    name = "fixed"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, system, user):
+        self.calls += 1
+        return "Review.\n1"
+
+
+def test_judging_resumes_after_a_writer_killed_mid_line(tmp_path):
+    a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2]), _answers(tmp_path / "b.jsonl", "beta", [1, 2])
+    out = tmp_path / "j.jsonl"
+    run_judging(a, b, _FixedJudge(), str(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:2]) + lines[2][:25])  # killed while writing the third judgment
+    judge = _FixedJudge()
+    stats = run_judging(a, b, judge, str(out))
+    assert (stats.judged, stats.skipped_existing, judge.calls) == (2, 2, 2)
+    assert stats.partial_line is not None and stats.partial_line.line == 3 and "partial last line" in \
+        str(stats.partial_line)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole again
+    assert len(rows) == 4 and {(r["question_id"], r["first"]) for r in rows} == \
+        {("1", "alpha"), ("2", "alpha"), ("1", "beta"), ("2", "beta")}
+
+
+def test_answer_question_and_prompt_files_with_non_object_lines(tmp_path):
+    from fourbit.generate import read_prompts
+
+    a = _answers(tmp_path / "a.jsonl", "alpha", [1, 2])
+    with open(a, "a") as f:
+        f.write("5\n")
+    b = _answers(tmp_path / "b.jsonl", "beta", [1, 2])
+    with pytest.raises(UserError, match=r"a.jsonl:3: expected a JSON object, got int"):
+        run_judging(a, b, _FixedJudge(), str(tmp_path / "j.jsonl"))
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "turns": ["Hi?"]}\n["not", "an", "object"]\n')
+    with pytest.raises(UserError, match=r"q.jsonl:2: expected a JSON object, got list"):
+        run_judging(_answers(tmp_path / "a2.jsonl", "alpha", [1]), _answers(tmp_path / "b2.jsonl", "beta", [1]),
+                    _FixedJudge(), str(tmp_path / "j2.jsonl"), questions=str(tmp_path / "q.jsonl"))
+    with pytest.raises(UserError, match=r"question file .*nope.jsonl does not exist"):
+        run_judging(_answers(tmp_path / "a2.jsonl", "alpha", [1]), _answers(tmp_path / "b2.jsonl", "beta", [1]),
+                    _FixedJudge(), str(tmp_path / "j2.jsonl"), questions=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match=r"q.jsonl:2: expected a JSON object, got list"):
+        read_prompts(str(tmp_path / "q.jsonl"))

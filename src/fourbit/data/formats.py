@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,18 +147,102 @@ class DataReport:
 # -- reading rows: (where, row) pairs ---------------------------------------------------------------
 class _BadRow(str):
     """A row a reader could not take apart (its text is why): parsing reports it as a bad row."""
-def iter_jsonl(path: str | Path):
+# Note: Partial last lines
+# Our JSON-lines writers (metrics.jsonl, judgments, generate's answers) append one record and its
+# "\n" per write. A writer killed mid-write leaves a last line without its "\n" that does not
+# parse; every line before it is whole. So: a last line that lacks its newline and does not parse
+# is a partial record, which readers may skip (allow_partial_last) and a writer about to append
+# cuts off (truncate_partial_line, one truncate(2), never rewriting the complete lines before it),
+# as otherwise the next record would be glued onto it. A line that ends in "\n" was written
+# whole, so if it does not parse it is an error wherever it is, as is any bad line but the last.
+@dataclass(frozen=True)
+class PartialLine:
+    """The unfinished last line of a JSON-lines file (see Note: Partial last lines)."""
+
+    path: str
+    line: int  # its line number
+    offset: int  # bytes before it: the file's size without it
+    data: bytes  # what it holds
+
+    def __str__(self) -> str:
+        text = self.data.decode("utf-8", errors="replace")
+        return (f"{self.path}:{self.line}: a partial last line of {len(self.data)} bytes, left by a writer killed "
+                f"mid-line ({text[:60]!r}{'...' if len(text) > 60 else ''})")
+
+
+def _parse_line(raw: bytes) -> tuple[object, str | None]:
+    """(row, None) or (None, why the line is not a JSON value)."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg}, column {e.colno})"
+
+
+def iter_jsonl(path: str | Path, allow_partial_last: bool = False, objects: bool = False):
     """(line number, parsed row) for each non-blank line; a line that is not JSON is a UserError
-    naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
+    naming file:line. allow_partial_last: a partial last line (see Note: Partial last lines) is not
+    yielded (partial_last_line says what it was). objects: a line that is not a JSON object is an
+    error too."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}). Each line of a .jsonl "
-                                f"file must be one JSON object; fix or delete that line") from None
+            row, why = _parse_line(raw)
+            if why is not None:
+                partial = not raw.endswith(b"\n")  # only the last line can lack it
+                if partial and allow_partial_last:
+                    return
+                raise UserError(f"{path}:{i}: {why}. " + (
+                    "It is a partial last line (a writer killed mid-line?): delete it, or let the command that "
+                    "wrote the file resume" if partial else
+                    "Each line of a .jsonl file must be one JSON value; fix or delete that line"))
+            if objects and not isinstance(row, dict):
+                raise UserError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+
+
+def partial_last_line(path: str | Path) -> PartialLine | None:
+    """The file's partial last line, or None when its last line is complete (or it is empty)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start, tail = size, b""
+        while start > 0 and b"\n" not in tail:  # read back to the last newline, 64 KiB at a time
+            step = min(start, 1 << 16)
+            start -= step
+            f.seek(start)
+            tail = f.read(step) + tail
+        cut = start + tail.rfind(b"\n") + 1  # 0 when there is no newline at all
+        data = tail[tail.rfind(b"\n") + 1:]
+        if not data.strip() or _parse_line(data)[1] is None:
+            return None
+        f.seek(0)
+        lines, left = 0, cut
+        while left:  # the newlines before it: its line number
+            chunk = f.read(min(left, 1 << 20))
+            lines, left = lines + chunk.count(b"\n"), left - len(chunk)
+    return PartialLine(str(path), lines + 1, cut, data)
+
+
+def truncate_partial_line(path: str | Path) -> PartialLine | None:
+    """Make a JSON-lines file safe to append to: cut off a partial last line (returned, for the
+    caller's warning) or end a complete last line that lacks its newline (returns None)."""
+    tail = partial_last_line(path)
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if tail is not None:
+            f.truncate(tail.offset)  # the complete lines before it are not touched
+        else:
+            if end == 0:
+                return None
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return None
+            f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return tail
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, object]]:

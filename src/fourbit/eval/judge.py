@@ -43,7 +43,7 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
     from fourbit.data.formats import iter_jsonl
 
     out, name = {}, None
-    for i, row in iter_jsonl(p):
+    for i, row in iter_jsonl(p, objects=True):
         if "question_id" not in row:
             raise UserError(f"{path}:{i}: no question_id")
         answer = row.get("generation", row.get("text"))
@@ -60,13 +60,15 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
 def attach_questions(answers: dict[str, dict], questions_file: str | None) -> None:
     if not questions_file:
         return
-    for line in Path(questions_file).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = json.loads(line)
-            qid = str(q.get("question_id"))
-            if qid in answers:
-                answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
-                answers[qid]["category"] = q.get("category")
+    if not Path(questions_file).is_file():
+        raise UserError(f"question file {questions_file} does not exist")
+    from fourbit.data.formats import iter_jsonl
+
+    for _, q in iter_jsonl(questions_file, objects=True):
+        qid = str(q.get("question_id"))
+        if qid in answers:
+            answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
+            answers[qid]["category"] = q.get("category")
 
 
 def judge_prompt(question: str, first: str, second: str, category: str | None) -> tuple[str, str]:
@@ -162,6 +164,7 @@ class JudgeStats:
     skipped_existing: int = 0
     unreadable: int = 0
     wins: dict[str, float] = field(default_factory=dict)
+    partial_line: object = None  # a PartialLine cut off the output before appending (a killed earlier run)
 
 
 def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | None = None,
@@ -177,13 +180,16 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                         f"{'...' if len(only_b) > 10 else ''}")
     attach_questions(ans_a, questions)
     out = Path(output)
-    done = set()
+    done, partial = set(), None
     if out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
-    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0})
+        from fourbit.data.formats import iter_jsonl, truncate_partial_line
+
+        for i, r in iter_jsonl(out, allow_partial_last=True, objects=True):
+            if not {"question_id", "first", "second"} <= set(r):
+                raise UserError(f"{out}:{i}: not a judgment (no question_id/first/second); is --output another file?")
+            done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
+        partial = truncate_partial_line(out)  # a killed run's half-written line: judged again, not glued onto
+    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0}, partial_line=partial)
     qids = sorted(ans_a, key=lambda q: (len(q), q))[: limit or None]
     pairs = [(q, (name_a, ans_a), (name_b, ans_b)) for q in qids]
     if both_orders:
