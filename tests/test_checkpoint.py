@@ -146,3 +146,24 @@ def test_rotation_keeps_directories_fourbit_did_not_write(run):
     model, opt, sched = _train_state()
     save_checkpoint(run, 15, model, opt, sched, {}, keep=2)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "checkpoint-10", "checkpoint-15"]
+
+
+def test_a_complete_save_killed_before_its_rename_is_published_not_pruned(run):
+    """save_checkpoint replaces an existing checkpoint-<step> (the final save after a periodic one at the
+    same step) by deleting it and renaming the new one into place: a kill in between leaves only the
+    complete .tmp-checkpoint-<step>."""
+    (run / "checkpoint-10").rename(run / ".tmp-checkpoint-10")
+    assert latest_good_checkpoint(run)[0] == run / "checkpoint-5"
+    assert prune_broken_checkpoints(run) == [(run / "checkpoint-10", "published: a complete save killed before its "
+                                                                     "rename")]
+    assert latest_good_checkpoint(run) == (run / "checkpoint-10", [])
+
+
+def test_saving_over_a_users_directory_named_like_a_checkpoint_is_refused(run):
+    (run / "checkpoint-15").mkdir()
+    (run / "checkpoint-15" / "thesis.tex").write_text("years of work")
+    model, opt, sched = _train_state()
+    with pytest.raises(UserError, match=r"checkpoint-15 holds files fourbit did not write \(thesis.tex\).*move it"):
+        save_checkpoint(run, 15, model, opt, sched, {}, keep=2)
+    assert (run / "checkpoint-15" / "thesis.tex").read_text() == "years of work"
+    assert not (run / ".tmp-checkpoint-15").exists() and latest_good_checkpoint(run)[0] == run / "checkpoint-10"

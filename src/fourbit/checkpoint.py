@@ -99,6 +99,12 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
 
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
+    if final.is_dir() and not _only_own_files(final):  # it is replaced below: never a user's folder
+        from fourbit.errors import UserError
+
+        foreign = sorted(f.name for f in final.iterdir() if not _OWN_FILE.match(f.name))
+        raise UserError(f"{final} holds files fourbit did not write ({', '.join(foreign[:5])}), and step {step}'s "
+                        f"checkpoint would replace it; move it out of the run directory and resume")
     if D.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -246,14 +252,21 @@ def latest_good_checkpoint(out_dir: str | os.PathLike) -> tuple[Path | None, lis
 def prune_broken_checkpoints(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
     """Delete half-deleted checkpoints (checkpoint-<step> missing some of its files, e.g. a run
     killed while rotating) and unfinished saves (.tmp-checkpoint-<step>); returns [(directory, why)]
-    for the caller's warning. Only directories holding nothing but fourbit's own checkpoint files
-    are touched; a checkpoint whose files are all there but corrupt is kept (latest_good_checkpoint
-    skips it) so that someone can look at it."""
+    for the caller's warning. An unfinished save that is complete and valid (killed after
+    save_checkpoint deleted the old checkpoint-<step> it replaces, before the rename) is published
+    instead. Only directories holding nothing but fourbit's own checkpoint files are touched; a
+    checkpoint whose files are all there but corrupt is kept (latest_good_checkpoint skips it) so
+    that someone can look at it. Call it on one process (rank 0) only."""
     out, pruned = Path(out_dir), []
     for d in sorted(out.iterdir()) if out.is_dir() else []:
         if d.is_symlink() or not d.is_dir() or not _only_own_files(d):
             continue
-        if _TMP_NAME.match(d.name):
+        tmp = _TMP_NAME.match(d.name)
+        if tmp and _publishable(d, int(tmp[1])):  # killed between replacing the old one and the rename
+            os.replace(d, out / f"checkpoint-{tmp[1]}")
+            pruned.append((out / f"checkpoint-{tmp[1]}", "published: a complete save killed before its rename"))
+            continue
+        if tmp:
             why = "an unfinished save (killed before it was published)"
         elif _NAME.match(d.name):
             problems = validate_checkpoint(d)
@@ -265,6 +278,14 @@ def prune_broken_checkpoints(out_dir: str | os.PathLike) -> list[tuple[Path, str
         shutil.rmtree(d)
         pruned.append((d, why))
     return pruned
+
+
+def _publishable(tmp: Path, step: int) -> bool:
+    """A .tmp-checkpoint-<step> that save_checkpoint finished writing (rank 0 writes the trainer
+    state last) and whose checkpoint-<step> is not there."""
+    if (tmp.parent / f"checkpoint-{step}").exists() or validate_checkpoint(tmp):
+        return False
+    return json.loads((tmp / STATE_NAME).read_text()).get("step") == step
 
 
 def _only_own_files(d: Path) -> bool:
