@@ -367,3 +367,8 @@ def test_the_papers_ratings_are_unchanged_by_noise_around_them(tmp_path):
     res = elo_ratings([str(f) for f in files] + [str(noisy)], orderings=100, seed=0)
     assert res.ratings == clean.ratings and res.bradley_terry == clean.bradley_terry and res.ci95 == clean.ci95
     assert (res.self_play, res.bad_lines, res.matches) == (1, 2, clean.matches)
+
+
+def test_elo_with_no_orderings_is_an_error_not_nan(tmp_path):
+    with pytest.raises(UserError, match="orderings must be >= 1, got 0"):
+        elo_ratings([_write_judgments(tmp_path / "j.jsonl", [_j("a", "b", 1)])], orderings=0)

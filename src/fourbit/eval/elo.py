@@ -258,6 +258,8 @@ class EloResult:
 
 
 def elo_ratings(paths: list[str], orderings: int = 10_000, seed: int = 0) -> EloResult:
+    if orderings < 1:  # the mean of no orderings is NaN
+        raise UserError(f"orderings must be >= 1, got {orderings}")
     m = read_judgments(paths)
     r = elo_orderings(m, orderings, seed)
     mean, lo, hi = r.mean(0), np.percentile(r, 2.5, axis=0), np.percentile(r, 97.5, axis=0)
