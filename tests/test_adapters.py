@@ -245,3 +245,12 @@ def test_adapter_config_values_of_the_wrong_kind(tmp_path, field, value, msg):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=msg):
         load_adapter(tiny_model(), d)
+
+
+def test_saving_a_non_finite_adapter_is_refused_and_writes_nothing(tmp_path):
+    model = add_lora(tiny_model(), r=4, verbose=False)
+    with torch.no_grad():
+        lora_modules(model)["model.layers.0.self_attn.q_proj"].lora_B.weight[1, 2] = float("nan")
+    with pytest.raises(UserError, match=rf"{_Q_B} has 1 non-finite values \(NaN\)"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -75,6 +75,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise UserError("this model has no LoRA adapter to save; call fourbit.add_lora(model) first")
     d = Path(directory)
     tensors = adapter_state_dict(model)
+    for key, t in sorted(tensors.items()):  # an adapter load_adapter would refuse is not written
+        _check_finite(key, t, "this model's adapter (not saved)")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -165,13 +167,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     for key, t in sorted(tensors.items()):
         if not t.is_floating_point():
             raise UserError(f"adapter {path}: {key} has dtype {t.dtype}; LoRA weights are floating point")
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            n_nan = int(torch.isnan(t).sum())
-            kinds = ", ".join(k for k, n in (("NaN", n_nan), ("Inf", int(bad.sum()) - n_nan)) if n)
-            raise UserError(f"adapter {path}: {key} has {int(bad.sum())} non-finite values ({kinds}); the adapter "
-                            f"is corrupt, or its training diverged: use an earlier checkpoint's adapter")
+        _check_finite(key, t, f"adapter {path}")
     return tensors
+
+
+def _check_finite(key: str, t: torch.Tensor, where: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        n_nan = int(torch.isnan(t).sum())
+        kinds = ", ".join(k for k, n in (("NaN", n_nan), ("Inf", int(bad.sum()) - n_nan)) if n)
+        raise UserError(f"{where}: {key} has {int(bad.sum())} non-finite values ({kinds}); the adapter is corrupt, "
+                        f"or its training diverged: use an earlier checkpoint's adapter")
 
 
 def _check_against_model(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: LoraConfig, d: Path) -> None:
