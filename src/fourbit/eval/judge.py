@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fourbit.errors import UserError
+from fourbit.errors import UserError, redact
 
 PROMPTS = Path(__file__).with_name("judge_prompts.jsonl")
 _LAST_NUMBER = re.compile(r"([123])\s*\W*\s*$")
@@ -128,10 +128,11 @@ class EndpointJudge:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 data = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}") from None
+        except urllib.error.HTTPError as e:  # servers echo keys back: never print one
+            raise UserError(redact(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}",
+                                   [self.key])) from None
         except (urllib.error.URLError, TimeoutError) as e:
-            raise UserError(f"judge endpoint {self.url} is unreachable ({e})") from None
+            raise UserError(redact(f"judge endpoint {self.url} is unreachable ({e})", [self.key])) from None
         try:
             return data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
