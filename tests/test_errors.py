@@ -76,3 +76,26 @@ def test_an_endpoints_error_body_never_prints_the_callers_key():
     finally:
         server.shutdown()
     assert key not in str(e.value) and "[redacted]" in str(e.value)
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        import time
+
+        time.sleep(1.0)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_an_endpoint_timeout_is_called_a_timeout_not_unreachable():
+    from fourbit.eval.judge import EndpointJudge
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    judge = EndpointJudge("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k" * 8, timeout=0.2)
+    try:
+        with pytest.raises(UserError, match=r"did not answer within 0.2 s \(a timeout"):
+            judge("s", "u")
+    finally:
+        server.shutdown()
