@@ -134,7 +134,8 @@ class EndpointJudge:
         except (urllib.error.URLError, TimeoutError) as e:
             if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
                 raise UserError(redact(f"judge endpoint {self.url} did not answer within {self.timeout:g} s (a "
-                                       f"timeout: the server is reachable but slow or overloaded)", [self.key])) from None
+                                       f"timeout: the server is reachable but slow or overloaded)",
+                                       [self.key])) from None
             raise UserError(redact(f"judge endpoint {self.url} is unreachable ({e})", [self.key])) from None
         try:
             return data["choices"][0]["message"]["content"] or ""
