@@ -254,3 +254,12 @@ def test_saving_a_non_finite_adapter_is_refused_and_writes_nothing(tmp_path):
     with pytest.raises(UserError, match=rf"{_Q_B} has 1 non-finite values \(NaN\)"):
         save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_an_adapter_path_that_is_a_file_or_not_utf8(tmp_path):
+    d = _saved(tmp_path / "a")
+    with pytest.raises(UserError, match=r"adapter_model.safetensors is a file, not an adapter directory"):
+        load_adapter(tiny_model(), d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_bytes(b'{"r": 4, "note": "\xff"}')
+    with pytest.raises(UserError, match=r"adapter_config.json: the adapter config is not UTF-8 text"):
+        load_adapter(tiny_model(), d)

@@ -91,19 +91,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    from fourbit.files import read_json_file
+
     d = Path(directory)
     path = d / CONFIG_NAME
+    if d.is_file():
+        raise UserError(f"{d} is a file, not an adapter directory; pass the directory that holds {CONFIG_NAME} "
+                        f"and {WEIGHTS_NAME}")
     if not d.is_dir():
         raise UserError(f"adapter directory {d} does not exist")
     if not path.is_file():
         raise UserError(f"{d} has no {CONFIG_NAME}: not a PEFT/fourbit adapter directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    raw = read_json_file(path, "the adapter config")
     problems = []
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {raw.get('peft_type')!r}; fourbit loads LORA adapters only")
     r = raw.get("r", 8)  # PEFT's defaults for missing keys
