@@ -80,7 +80,7 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
     if not p.is_file():
         raise UserError(f"prompt file {path} does not exist")
     out = []
-    for i, row in iter_jsonl(p):
+    for i, row in iter_jsonl(p, objects=True):
         text = (row.get("turns") or [None])[0] if "turns" in row else \
             row.get("prompt") or row.get("input") or row.get("text") or row.get("instruction")
         if not isinstance(text, str) or not text.strip():

@@ -37,12 +37,18 @@ def run(argv: list[str]) -> int:
 
 
 def table(result) -> str:
-    """An EloResult as a table: system, Elo, its 95% interval, Bradley-Terry."""
+    """An EloResult as a table: system, Elo, its 95% interval, Bradley-Terry (when it exists)."""
     w = max(len(n) for n in result.ratings)
     lines = [f"{'system':<{w}}  {'Elo':>7}  {'95% interval':>17}  {'Bradley-Terry':>13}"]
+    bt = result.bradley_terry
     for n, r in result.ratings.items():
         lo, hi = result.ci95[n]
-        lines.append(f"{n:<{w}}  {r:7.1f}  [{lo:7.1f}, {hi:7.1f}]  {result.bradley_terry[n]:13.1f}")
-    lines.append(f"{result.matches} matches, {result.unreadable} unreadable judgments skipped, "
-                 f"{result.orderings} orderings")
+        lines.append(f"{n:<{w}}  {r:7.1f}  [{lo:7.1f}, {hi:7.1f}]  " + (f"{bt[n]:13.1f}" if bt else f"{'-':>13}"))
+    skipped = [f"{result.unreadable} unreadable judgments skipped"]
+    skipped += [f"{result.self_play} self-play rows skipped"] if result.self_play else []
+    skipped += [f"{result.bad_lines} malformed lines skipped (first: {result.bad_examples[0]})"] \
+        if result.bad_lines else []
+    lines.append(f"{result.matches} matches, {', '.join(skipped)}, {result.orderings} orderings")
+    if result.bradley_terry_note:
+        lines.append(result.bradley_terry_note)
     return "\n".join(lines)

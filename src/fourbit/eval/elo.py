@@ -19,7 +19,15 @@ counted as half a win for each, fitted with Hunter's MM iterations and reported 
 
 Input: fourbit judgment JSONL (`first`, `second`, `score`) and the paper's released files as
 they are (`A-vs-B-gpt-4-reviewer-threeclass.jsonl`, names from the file name; score 1 = A wins,
-2 = B wins, 3 = tie, -1 = unreadable judge output: counted, reported, not used).
+2 = B wins, 3 = tie, -1 = unreadable judge output: counted, reported, not used). Rows that cannot
+be a match are counted and reported, never used: a system judged against itself (its Elo update
+would be written twice, the second write winning, so the rating would drift), and malformed lines
+(not JSON, not an object, no systems, no score or one outside 1/2/3/-1, a partial last line left by
+a judge killed mid-line), each with file:line.
+
+When one system won every match (or some group never scored against the rest) Bradley-Terry has
+no finite maximum-likelihood solution; the result says so (`bradley_terry` None, with a
+`bradley_terry_note`) and Elo is reported as always.
 """
 
 from __future__ import annotations
@@ -43,41 +51,43 @@ class Matches:
     a: np.ndarray  # (M,) index of the first system
     b: np.ndarray  # (M,)
     s: np.ndarray  # (M,) score of the first: 1, 0 or 0.5
-    unreadable: int = 0
-    bad_lines: list[str] = field(default_factory=list)
+    unreadable: int = 0  # score -1: the judge's verdict could not be read
+    bad_lines: list[str] = field(default_factory=list)  # "file:line: why", one per malformed line
+    self_play: int = 0  # rows judging a system against itself
 
 
-def _score(value) -> float | None:
-    """1 -> first wins, 2 -> second wins, 3 -> tie; anything else unreadable."""
-    return {1: 1.0, 2: 0.0, 3: 0.5}.get(value if isinstance(value, int) else None)
+_SCORES = {1: 1.0, 2: 0.0, 3: 0.5}  # 1 -> first wins, 2 -> second wins, 3 -> tie; -1 -> unreadable
 
 
 def read_judgments(paths: list[str]) -> Matches:
     names: dict[str, int] = {}
-    a, b, s, unreadable, bad = [], [], [], 0, []
+    a, b, s, unreadable, self_play, bad = [], [], [], 0, 0, []
     for path in paths:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"judgment file {path} does not exist")
         m = _PAPER_NAME.match(p.name)
-        for i, row in iter_jsonl(p, bad):
-            if not isinstance(row, dict):
-                bad.append(f"{p}:{i}: not a JSON object")
-                continue
+        for i, row in iter_jsonl(p, objects=True, bad=bad):
             first, second = (m["a"], m["b"]) if m else (row.get("first"), row.get("second"))
-            if not first or not second:
+            score = row.get("score")
+            if not isinstance(first, str) or not isinstance(second, str) or not first or not second:
                 bad.append(f"{p}:{i}: no 'first'/'second' systems (and the file name is not A-vs-B-...)")
-                continue
-            sc = _score(row.get("score"))
-            if sc is None:
+            elif "score" not in row:
+                bad.append(f"{p}:{i}: no score")
+            elif score == -1 and isinstance(score, int):
                 unreadable += 1
-                continue
-            a.append(names.setdefault(first, len(names)))
-            b.append(names.setdefault(second, len(names)))
-            s.append(sc)
+            elif not isinstance(score, int) or isinstance(score, bool) or score not in _SCORES:
+                bad.append(f"{p}:{i}: score {score!r} is not 1, 2, 3 or -1")
+            elif first == second:
+                self_play += 1
+            else:
+                a.append(names.setdefault(first, len(names)))
+                b.append(names.setdefault(second, len(names)))
+                s.append(_SCORES[score])
     if not a:
-        raise UserError(f"no usable judgments in {len(paths)} file(s) ({unreadable} unreadable, {len(bad)} bad lines)")
-    return Matches(list(names), np.array(a), np.array(b), np.array(s, dtype=np.float64), unreadable, bad)
+        raise UserError(f"no usable judgments in {len(paths)} file(s) ({unreadable} unreadable, {self_play} "
+                        f"self-play rows, {len(bad)} malformed lines" + (f", first: {bad[0]}" if bad else "") + ")")
+    return Matches(list(names), np.array(a), np.array(b), np.array(s, dtype=np.float64), unreadable, bad, self_play)
 
 
 _BLOCK = 2000  # orderings per batch: (matches, 2000) index arrays, ~70 MB each for 4,500 matches
@@ -162,6 +172,27 @@ def _strongly_connected(m: Matches) -> bool:
     return reach(beats) == n and reach(beats.T) == n
 
 
+def bradley_terry_problem(m: Matches) -> str | None:
+    """Why Bradley-Terry has no finite solution for these matches, in words; None when it has one."""
+    if len(m.players) < 2:
+        return "no Bradley-Terry ratings for fewer than 2 systems"
+    if _strongly_connected(m):
+        return None
+    n = len(m.players)
+    scored, conceded = np.zeros(n), np.zeros(n)  # points won / points given away, ties half each
+    np.add.at(scored, m.a, m.s)
+    np.add.at(scored, m.b, 1 - m.s)
+    np.add.at(conceded, m.a, 1 - m.s)
+    np.add.at(conceded, m.b, m.s)
+    won = [m.players[i] for i in range(n) if conceded[i] == 0]
+    lost = [m.players[i] for i in range(n) if scored[i] == 0]
+    why = [f"{', '.join(won)} won every match"] if won else []
+    why += [f"{', '.join(lost)} lost every match"] if lost else []
+    if not why:
+        why = ["some group of systems never scored against the rest (no win or tie linking them)"]
+    return "no finite Bradley-Terry solution: " + "; ".join(why)
+
+
 def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.ndarray | None:
     """Bradley-Terry strengths on the Elo scale (mean 1000), ties as half wins (Hunter's MM).
 
@@ -192,27 +223,36 @@ def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.nda
 class EloResult:
     ratings: dict[str, float]
     ci95: dict[str, tuple[float, float]]
-    bradley_terry: dict[str, float]
+    bradley_terry: dict[str, float] | None  # None when it has no finite solution (see bradley_terry_note)
     matches: int
     unreadable: int
     orderings: int
+    self_play: int = 0  # rows of a system against itself, skipped
+    bad_lines: int = 0  # malformed lines, skipped
+    bad_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
+    bradley_terry_note: str | None = None  # why there are no Bradley-Terry ratings
 
     def as_dict(self) -> dict:
         return {"ratings": self.ratings, "ci95": {k: list(v) for k, v in self.ci95.items()},
-                "bradley_terry": self.bradley_terry, "matches": self.matches, "unreadable": self.unreadable,
-                "orderings": self.orderings}
+                "bradley_terry": self.bradley_terry, "bradley_terry_note": self.bradley_terry_note,
+                "matches": self.matches, "unreadable": self.unreadable, "self_play": self.self_play,
+                "bad_lines": self.bad_lines, "bad_examples": self.bad_examples, "orderings": self.orderings}
 
 
 def elo_ratings(paths: list[str], orderings: int = 10_000, seed: int = 0) -> EloResult:
+    if orderings < 1:  # the mean of no orderings is NaN
+        raise UserError(f"orderings must be >= 1, got {orderings}")
     m = read_judgments(paths)
     r = elo_orderings(m, orderings, seed)
     mean, lo, hi = r.mean(0), np.percentile(r, 2.5, axis=0), np.percentile(r, 97.5, axis=0)
-    bt = bradley_terry(m)
+    note = bradley_terry_problem(m)
+    bt = bradley_terry(m) if note is None else None
     order = np.argsort(-mean)
     return EloResult(ratings={m.players[i]: float(mean[i]) for i in order},
                      ci95={m.players[i]: (float(lo[i]), float(hi[i])) for i in order},
-                     bradley_terry={m.players[i]: float(bt[i]) for i in order}, matches=len(m.s),
-                     unreadable=m.unreadable, orderings=orderings)
+                     bradley_terry=None if bt is None else {m.players[i]: float(bt[i]) for i in order},
+                     matches=len(m.s), unreadable=m.unreadable, orderings=orderings, self_play=m.self_play,
+                     bad_lines=len(m.bad_lines), bad_examples=m.bad_lines[:5], bradley_terry_note=note)
 
 
 def plot_elo(result: EloResult, path: str) -> None:

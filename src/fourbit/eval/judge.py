@@ -23,8 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fourbit.data import iter_jsonl
-from fourbit.errors import UserError
+from fourbit.data import iter_jsonl, truncate_partial_line
+from fourbit.errors import UserError, redact
 
 PROMPTS = Path(__file__).with_name("judge_prompts.jsonl")
 _LAST_NUMBER = re.compile(r"([123])\s*\W*\s*$")
@@ -40,7 +40,7 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
     if not p.is_file():
         raise UserError(f"answer file {path} does not exist")
     out, name = {}, None
-    for i, row in iter_jsonl(p):
+    for i, row in iter_jsonl(p, objects=True):
         if "question_id" not in row:
             raise UserError(f"{path}:{i}: no question_id")
         answer = row.get("generation", row.get("text"))
@@ -59,7 +59,7 @@ def attach_questions(answers: dict[str, dict], questions_file: str | None) -> No
         return
     if not Path(questions_file).is_file():
         raise UserError(f"question file {questions_file} does not exist")
-    for _, q in iter_jsonl(questions_file):
+    for _, q in iter_jsonl(questions_file, objects=True):
         qid = str(q.get("question_id"))
         if qid in answers:
             answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
@@ -125,10 +125,15 @@ class EndpointJudge:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 data = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}") from None
+        except urllib.error.HTTPError as e:  # servers echo keys back: never print one
+            raise UserError(redact(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}",
+                                   [self.key])) from None
         except (urllib.error.URLError, TimeoutError) as e:
-            raise UserError(f"judge endpoint {self.url} is unreachable ({e})") from None
+            if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                raise UserError(redact(f"judge endpoint {self.url} did not answer within {self.timeout:g} s (a "
+                                       f"timeout: the server is reachable but slow or overloaded)",
+                                       [self.key])) from None
+            raise UserError(redact(f"judge endpoint {self.url} is unreachable ({e})", [self.key])) from None
         try:
             return data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
@@ -161,6 +166,7 @@ class JudgeStats:
     skipped_existing: int = 0
     unreadable: int = 0
     wins: dict[str, float] = field(default_factory=dict)
+    partial_line: object = None  # a PartialLine cut off the output before appending (a killed earlier run)
 
 
 def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | None = None,
@@ -176,10 +182,14 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                         f"{'...' if len(only_b) > 10 else ''}")
     attach_questions(ans_a, questions)
     out = Path(output)
-    done = set()
+    done, partial = set(), None
     if out.exists():
-        done = {(str(r["question_id"]), r["first"], r["second"], r.get("judge")) for _, r in iter_jsonl(out)}
-    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0})
+        for i, r in iter_jsonl(out, allow_partial_last=True, objects=True):
+            if not {"question_id", "first", "second"} <= set(r):
+                raise UserError(f"{out}:{i}: not a judgment (no question_id/first/second); is --output another file?")
+            done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
+        partial = truncate_partial_line(out)  # a killed run's half-written line: judged again, not glued onto
+    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0}, partial_line=partial)
     qids = sorted(ans_a, key=lambda q: (len(q), q))[: limit or None]
     pairs = [(q, (name_a, ans_a), (name_b, ans_b)) for q in qids]
     if both_orders:
