@@ -18,9 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
+from fourbit.nn.linear4bit import dequantize_weight  # noqa: F401  (fourbit.memory patches it here)
+from fourbit.nn.linear4bit import Linear4bit, backward_weight, forward_weight, skinny
+from fourbit.quant import matmul_4bit
 
 
 class _QLoraLinearFn(torch.autograd.Function):
@@ -42,7 +45,7 @@ class _QLoraLinearFn(torch.autograd.Function):
         cd = x.dtype
         x2, xd2 = x.reshape(-1, shape[-1]), xd.reshape(-1, shape[-1])  # (N, in)
         a_c, b_c = a.to(cd), b.to(cd)  # (r, in), (out, r)
-        w = dequantize_weight(packed, state, cd)  # (out, in), scratch buffer
+        w = forward_weight(packed, state, cd, keep=ctx.needs_input_grad[0])  # (out, in), usually the scratch buffer
         y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()  # (N, out)
         h = xd2 @ a_c.t()  # (N, r)
         y.addmm_(h, b_c.t(), alpha=scaling)
@@ -64,7 +67,7 @@ class _QLoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             g_xd = gh @ a_c  # (N, in)
             if ctx.needs_input_grad[0]:
-                w = dequantize_weight(packed, ctx.state, gy2.dtype)  # (out, in)
+                w = backward_weight(packed, ctx.state, gy2.dtype)  # (out, in)
                 if ctx.same:  # xd is x: one gradient, accumulated into by the matmul itself
                     g_x, g_xd = g_xd.addmm_(gy2, w), None
                 else:
@@ -101,6 +104,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, Linear4bit):  # the fused path: one autograd node, see _QLoraLinearFn
+            trains = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
+            if not (torch.is_grad_enabled() and trains) and base.compute_dtype != torch.float64 \
+                    and skinny(x, self.in_features):
+                return self._forward_skinny(x)
             cd = base.compute_dtype or x.dtype
             xc = x.to(cd)
             xd = self.lora_dropout(xc) if self.training else xc
@@ -114,6 +121,15 @@ class LoraLinear(nn.Module):
         b = self.lora_B.weight.to(cd)  # (out, r)
         h = torch.nn.functional.linear(self.lora_dropout(x).to(cd), a)  # (..., r)
         return y + torch.nn.functional.linear(h, b) * self.scaling
+
+    def _forward_skinny(self, x: torch.Tensor) -> torch.Tensor:
+        """Generation with a 4-bit base: base product straight from the codes, adapter unmerged."""
+        base = self.base_layer
+        xc = x if x.device.type == "cpu" else x.to(base.compute_dtype or x.dtype)  # CPU: float32 inside
+        y = matmul_4bit(xc, base.packed, base.quant_state, base.bias)  # (..., out)
+        cd = y.dtype
+        h = F.linear(self.lora_dropout(xc).to(cd), self.lora_A.weight.to(cd))  # (..., r)
+        return y.add_(F.linear(h, self.lora_B.weight.to(cd)), alpha=self.scaling).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in float32, (out, in)."""
