@@ -13,10 +13,12 @@ from fourbit.quant.blockwise import (
     quantized_nbytes,
 )
 from fourbit.quant.codebook import dynamic_map, fp4_values, get_code, get_dynamic_map, nf4_values
+from fourbit.quant.matmul import SKINNY_MAX_ROWS, matmul_4bit, matmul_4bit_reference
 from fourbit.quant.state import NestedState, QuantState, QuantStateError
 
 __all__ = [
     "quantize_4bit", "dequantize_4bit", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
-    "bits_per_parameter", "quantized_nbytes", "QuantState", "NestedState", "QuantStateError",
+    "matmul_4bit", "matmul_4bit_reference", "SKINNY_MAX_ROWS", "bits_per_parameter", "quantized_nbytes",
+    "QuantState", "NestedState", "QuantStateError",
     "nf4_values", "fp4_values", "dynamic_map", "get_code", "get_dynamic_map",
 ]
