@@ -34,17 +34,19 @@ each 4-bit shape once at build time and pad the ones that fail.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fourbit.nn.linear4bit import Linear4bit
+from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
 from fourbit.nn.lora import LoraLinear
+from fourbit.quant import SKINNY_MAX_ROWS, QuantState, matmul_4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
           "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down": ("mlp.down_proj",)}
-PROBE_ROWS = 16  # the most rows a probed 4-bit linear is trusted with per call
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -78,23 +80,38 @@ def _base(m: nn.Module) -> nn.Module:
 
 
 class _Proj:
-    """One projection group of a layer: x (N, in) -> (N, sum of outs), q|k|v or gate|up concatenated."""
+    """One projection group of a layer: x (N, in) -> (N, sum of outs), q|k|v or gate|up concatenated.
+
+    Dense bases are fused into one weight (see _fuse); 4-bit bases into one packed matrix when they
+    share a format (see _fuse_4bit), multiplied by `matmul_4bit` straight from the codes for few
+    rows and dequantized into the shared scratch buffer for a prompt's many rows."""
 
     def __init__(self, modules: list[nn.Module]):
         bases = [_base(m) for m in modules]
         self.outs = [b.out_features for b in bases]
         self.in_features = bases[0].in_features
         self.dense = all(isinstance(b, nn.Linear) for b in bases)
-        self.modules = bases
+        self.row_independent = False  # set by Decoder._probe for 4-bit groups
         if self.dense:
             self.weight, self.bias = _fuse(bases)
-        self.row_independent = False  # set by Decoder._probe for 4-bit groups
+        elif all(isinstance(b, Linear4bit) for b in bases):
+            self.parts = _fuse_4bit(bases)
+        else:  # a mix (a partly quantized checkpoint): the modules as they are
+            self.parts = [(b, None, None) for b in bases]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return F.linear(x, self.weight, self.bias)
-        ys = [m(x) for m in self.modules]
+        ys = [_q4(x, *part) for part in self.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
+def _q4(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
+    if state is None:  # a module
+        return packed(x)
+    if x.shape[0] <= SKINNY_MAX_ROWS:
+        return matmul_4bit(x, packed, state, bias)
+    return F.linear(x, dequantize_weight(packed, state, x.dtype), bias)  # (N, out)
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,18 +121,47 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linears[0].weight, linears[0].bias
     with torch.no_grad():
         w = torch.cat([m.weight for m in linears])  # (sum outs, in)
-        b = None
-        if any(m.bias is not None for m in linears):
-            b = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=w.dtype,
-                                                                       device=w.device) for m in linears])
-        start = 0
-        for m in linears:
-            n = m.out_features
-            m.weight = nn.Parameter(w[start:start + n], requires_grad=m.weight.requires_grad)
+        b = _cat_bias(linears, w)
+        for m, wi, bi in zip(linears, w.split([m.out_features for m in linears]),
+                             b.split([m.out_features for m in linears]) if b is not None else [None] * len(linears)):
+            m.weight = nn.Parameter(wi, requires_grad=m.weight.requires_grad)
             if m.bias is not None:
-                m.bias = nn.Parameter(b[start:start + n], requires_grad=m.bias.requires_grad)
-            start += n
+                m.bias = nn.Parameter(bi, requires_grad=m.bias.requires_grad)
     return w, b
+
+
+def _cat_bias(linears, like: torch.Tensor) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias.to(like.dtype) if m.bias is not None else
+                      torch.zeros(m.out_features, dtype=like.dtype, device=like.device) for m in linears])
+
+
+def _fuse_4bit(layers: list[Linear4bit]) -> list[tuple]:
+    """[(packed, QuantState, bias)]: one fused matrix when the layers share a 4-bit format and their
+    blocks end at row boundaries, else one entry per layer.
+
+    The fused state keeps the block scales as float32 (double quantization's 8-bit scales,
+    dequantized once: the values the kernel would compute, 4 bytes instead of ~1 per 64 weights),
+    because the layers' 256-scale nested blocks do not line up once concatenated. The layers'
+    codes become views into the fused codes, so they cost no second copy."""
+    s0 = layers[0].quant_state
+    same = all(m.quant_type == layers[0].quant_type and m.blocksize == s0.blocksize and
+               m.in_features == layers[0].in_features and (m.in_features * m.out_features) % s0.blocksize == 0
+               and torch.equal(m.quant_state.code, s0.code) and m.packed.device == s0.device for m in layers)
+    if len(layers) == 1 or not same:
+        return [(m.packed, m.quant_state, m.bias) for m in layers]
+    with torch.no_grad():
+        packed = torch.cat([m.packed.reshape(-1) for m in layers])
+        absmax = torch.cat([m.quant_state.dequantized_absmax().float() for m in layers])
+        state = QuantState(absmax=absmax, shape=torch.Size([sum(m.out_features for m in layers), layers[0].in_features]),
+                           dtype=s0.dtype, blocksize=s0.blocksize, quant_type=s0.quant_type, code=s0.code)
+        bias = _cat_bias(layers, absmax)
+        for m, codes in zip(layers, packed.split([m.packed.numel() for m in layers])):
+            if m.weight.dtype == torch.uint8:  # (a float storage dtype, for FSDP, keeps its own copy)
+                st = m.quant_state  # a fresh absmax object makes the layer drop its cached state and
+                m.set_quantized(codes, dataclasses.replace(st, absmax=st.absmax.clone()))  # the old codes
+    return [(packed, state, bias)]
 
 
 class LoraWeights:
@@ -156,12 +202,16 @@ def _starts(sizes: list[int]) -> list[int]:
 class Decoder:
     """Prefill one request into its cache slot, or decode one token for many slots at once."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 8):
+    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2,
+                 head_dtype: torch.dtype | None = None):
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self.lm_head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        self.head = (head.weight, head.bias)
+        if head_dtype is not None and head_dtype != head.weight.dtype:  # a copy for decoding only
+            self.head = tuple(None if t is None else t.detach().to(head_dtype) for t in self.head)
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -195,9 +245,9 @@ class Decoder:
             for p in projs.values():
                 if p.dense:
                     continue
-                key = (p.in_features, tuple(p.outs), tuple(type(m).__name__ for m in p.modules))
+                key = (p.in_features, tuple(p.outs), len(p.parts))
                 if key not in seen:
-                    x = torch.randn(PROBE_ROWS, p.in_features, generator=g).to(self.device, self.dtype)
+                    x = torch.randn(SKINNY_MAX_ROWS, p.in_features, generator=g).to(self.device, self.dtype)
                     full = p(x)
                     seen[key] = all(torch.equal(p(x[i:j]), full[i:j]) for i, j in ((0, 1), (0, 2), (1, 4), (3, 11)))
                 p.row_independent = seen[key]
@@ -207,7 +257,7 @@ class Decoder:
         """x (N, in) -> (N, out); in decode, row blocks that keep each row's bits batch-invariant."""
         if not decode:
             return p(x)
-        block = PROBE_ROWS if p.row_independent else self.row_block
+        block = SKINNY_MAX_ROWS if p.row_independent else self.row_block
         if x.shape[0] <= block and (p.row_independent or x.shape[0] == block):
             return p(x)
         return torch.cat([p(c) for c in x.split(block)])  # decode batches are padded to whole blocks
@@ -259,7 +309,7 @@ class Decoder:
             x = x + self._lora(self._linear(projs["o"], a, False), a, li, "o", lora_rows)
             x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, False)
         x = F.rms_norm(x[-1:], (x.shape[-1],), *self.norm)
-        return F.linear(x, self.lm_head.weight, self.lm_head.bias)[0]
+        return self._linear_head(x, decode=False)[0]
 
     def _mlp(self, h, li, projs, lora_rows, decode):
         gu = self._lora(self._linear(projs["gate_up"], h, decode), h, li, "gate_up", lora_rows)
@@ -299,17 +349,19 @@ class Decoder:
             x = x + self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows)
             x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True)
         x = F.rms_norm(x, (x.shape[-1],), *self.norm)
-        logits = self._linear_head(x)
+        logits = self._linear_head(x, decode=True)
         return logits[:n]
 
-    def _linear_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, vocab) from blocks of exactly row_block rows (Note: Batch invariance)."""
-        w, b, r = self.lm_head.weight, self.lm_head.bias, self.row_block
+    def _linear_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
+        """Logits (N, vocab) in the model's dtype; while decoding from blocks of exactly row_block rows
+        (Note: Batch invariance)."""
+        (w, b), r = self.head, self.row_block
         n = x.shape[0]
-        if n % r:
+        x = x.to(w.dtype)
+        if decode and n % r:
             x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
-        y = F.linear(x, w, b) if x.shape[0] == r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
-        return y[:n]
+        y = F.linear(x, w, b) if x.shape[0] <= r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
+        return y[:n].to(self.dtype)
 
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale cache entries are overwritten by its next prefill."""

@@ -63,12 +63,23 @@ class _Request:
 
 
 class Engine:
-    """Continuous-batching generation; see the module docstring."""
+    """Continuous-batching generation; see the module docstring.
+
+    model: a loaded transformers causal LM (fourbit.load_model: Linear4bit or nn.Linear layers,
+    possibly LoraLinear-wrapped; its LoRA layers are registered as adapter "default"). tokenizer:
+    supplies the default stop token (eos) and may be None. max_batch: rows decoded together;
+    max_seq_len: the KV cache's length, prompt + new tokens (default: the model's context, at most
+    2048). device: where to run (the model is moved there). row_block: rows per dense matmul call
+    while decoding (see Note: Batch invariance in fourbit.decoder; 2 costs a 1-row batch nothing
+    on MKL). head_dtype: e.g. torch.bfloat16 for a copy of lm_head used for decoding (opt-in; see
+    bench/cpu.py for its cost in logit error and time)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None, device=None,
-                 row_block: int = 8):
+                 row_block: int = 2, head_dtype: torch.dtype | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if not isinstance(row_block, int) or row_block < 1:
+            raise UserError(f"row_block must be a positive integer, got {row_block!r}")
         limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_SEQ
         max_seq_len = max_seq_len or min(limit, DEFAULT_MAX_SEQ)
         if not isinstance(max_seq_len, int) or not 2 <= max_seq_len:
@@ -80,7 +91,7 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.fallback_reason = unsupported_reason(model)
         if self.fallback_reason is None:
-            self._backend = Decoder(model, max_batch, max_seq_len, row_block)
+            self._backend = Decoder(model, max_batch, max_seq_len, row_block, head_dtype)
         else:
             self._backend = _TransformersBackend(model)
         self.device = model.get_input_embeddings().weight.device
