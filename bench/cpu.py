@@ -175,10 +175,9 @@ def head_study(model_dir: str, n: int, quick: bool) -> dict:
         ref = torch.nn.functional.linear(hidden.double(), w.double())
         err = (torch.nn.functional.linear(hidden.to(dt), wd).double() - ref).abs().max().item()
         out[name] = {"ms": sorted(times)[len(times) // 2] * 1e3, "max_abs_logit_err": err, "tokens": tokens}
-    for name in out:
-        out[name]["same_tokens"] = sum(a == b for a, b in zip(out[name]["tokens"], out["fp32"]["tokens"]))
-        out[name]["prompts"] = len(batch)
-        del out[name]["tokens"]
+    ref_tokens = out["fp32"]["tokens"]
+    for v in out.values():
+        v["same_tokens"], v["prompts"] = sum(a == b for a, b in zip(v.pop("tokens"), ref_tokens)), len(batch)
     return out
 
 
