@@ -1,0 +1,172 @@
+"""`fourbit serve`: parse and check the flags, load the base and adapters, run the server.
+
+Everything with behaviour lives in `fourbit.serve`; this file only maps flags to it and prints
+what the operator needs to know (where to point a client, and any unsafe choice).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fourbit.errors import UserError
+
+_REPEATABLE = ("--adapter", "--arena")  # flags that take several values, given at once or repeated
+
+
+@dataclass
+class ServeArgs:
+    """fourbit serve --model M [--adapter NAME=PATH ...]"""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "base model: directory, .gguf, hub id or "
+                                                                  "smollm2-135m"})
+    adapter: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=PATH: a PEFT-format adapter directory served under NAME (several allowed)"})
+    adapter_dir: str | None = field(default=None, metadata={
+        "help": "root for adapters loaded at run time (POST /v1/adapters {name, path}, path relative to this "
+                "root); without it, run-time loading is off"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; anything but loopback wants "
+                                                             "--api-key-env"})
+    port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
+    api_key_env: str | None = field(default=None, metadata={
+        "help": "name of the environment variable that holds the API key clients must send (the key itself "
+                "never goes on the command line)"})
+    max_batch: int = field(default=8, metadata={"help": "requests decoded together per step"})
+    max_new_tokens: int = field(default=512, metadata={"help": "cap on max_tokens per request (and its default)"})
+    max_seq_len: int | None = field(default=None, metadata={"help": "prompt + answer tokens per request "
+                                                                    "(default: the model's context)"})
+    max_body_kb: int = field(default=1024, metadata={"help": "largest request body, KiB (413 above)"})
+    quant: str = field(default="nf4", metadata={"help": "nf4, fp4 or none (16-bit base)"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    arena: list[str] = field(default_factory=list, metadata={
+        "help": "systems for /arena: answer files (fourbit generate's JSONL, the QLoRA paper's generation "
+                "files) and/or live:NAME for a served model answering --questions itself"})
+    questions: str | None = field(default=None, metadata={"help": "prompt file for the arena (e.g. Vicuna's "
+                                                                  "question.jsonl)"})
+    judgments: str = field(default="arena-judgments.jsonl", metadata={
+        "help": "the arena's judgments JSONL (appended; `fourbit elo` reads it)"})
+    log_level: str = field(default="info", metadata={"help": "uvicorn log level: warning, info, debug"})
+
+    def validate(self) -> list[str]:
+        p = []
+        p += [] if 0 <= self.port <= 65535 else [f"--port must be in [0, 65535], got {self.port}"]
+        p += [] if self.max_batch >= 1 else [f"--max-batch must be >= 1, got {self.max_batch}"]
+        p += [] if self.max_new_tokens >= 1 else [f"--max-new-tokens must be >= 1, got {self.max_new_tokens}"]
+        p += [] if self.max_seq_len is None or self.max_seq_len >= 2 else [
+            f"--max-seq-len must be >= 2, got {self.max_seq_len}"]
+        p += [] if self.max_body_kb >= 1 else [f"--max-body-kb must be >= 1, got {self.max_body_kb}"]
+        for spec in self.adapter:
+            name, eq, path = spec.partition("=")
+            from fourbit.serve.app import ADAPTER_NAME
+
+            if not eq or not ADAPTER_NAME.match(name) or not path:
+                p.append(f"--adapter {spec}: expected NAME=PATH, NAME of letters, digits, '.', '_', '-'")
+            elif not Path(path).is_dir():
+                p.append(f"--adapter {spec}: {path} is not a directory")
+        names = [s.partition("=")[0] for s in self.adapter]
+        p += [f"--adapter: the name {n!r} is given twice" for n in sorted({n for n in names if names.count(n) > 1})]
+        if self.adapter_dir and not Path(self.adapter_dir).is_dir():
+            p.append(f"--adapter-dir {self.adapter_dir}: not a directory")
+        if self.api_key_env and not os.environ.get(self.api_key_env):
+            p.append(f"--api-key-env {self.api_key_env}: that environment variable is empty or unset; "
+                     f"export {self.api_key_env}=<key> first")
+        if self.arena and len(self.arena) < 2:
+            p.append(f"--arena needs at least two systems (answer files or live:NAME), got {self.arena}")
+        for src in self.arena:
+            if not src.startswith("live:") and not Path(src).is_file():
+                p.append(f"--arena {src}: no such file (a served model is written live:NAME)")
+        if self.questions and not Path(self.questions).is_file():
+            p.append(f"--questions {self.questions}: no such file")
+        return p
+
+
+def _merge_repeated(argv: list[str]) -> list[str]:
+    """`--adapter a=x --adapter b=y` -> `--adapter a=x b=y` (the parser keeps only the last otherwise)."""
+    out, merged, current = [], {}, None
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        flag = flag.replace("_", "-")
+        if arg.startswith("--") and flag in _REPEATABLE:
+            current = flag
+            merged.setdefault(flag, []).extend([value] if eq else [])
+        elif current and not arg.startswith("--"):
+            merged[current].append(arg)
+        else:
+            current = None
+            out.append(arg)
+    for flag, values in merged.items():
+        out += [flag, *values]
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """End-of-turn tokens: the tokenizer's eos and the generation config's (one id or a list)."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen} if gen is not None else set()
+    return sorted(ids)
+
+
+def main(argv: list[str]) -> int:
+    from fourbit.config import parse_cli
+
+    a = parse_cli(ServeArgs, _merge_repeated(list(argv)), prog="fourbit serve",
+                  description="An OpenAI-compatible server: one 4-bit base, many LoRA adapters, a web chat "
+                              "and a web arena.")
+    api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
+    if not _is_loopback(a.host) and not api_key:
+        print(f"fourbit serve: WARNING: binding {a.host} without --api-key-env: anyone who can reach this "
+              f"address can use the model{' and load adapters from ' + a.adapter_dir if a.adapter_dir else ''}",
+              file=sys.stderr)
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
+
+    from fourbit.engine import Engine
+    from fourbit.models import load_model
+    from fourbit.serve import Arena, Limits, Scheduler, create_app
+
+    arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None  # checks the files before the model loads
+    model, tok = load_model(a.model, quant=a.quant, device=a.device)
+    if tok is None:
+        raise UserError(f"model {a.model} has no tokenizer files; serving needs a tokenizer")
+    base = Path(str(a.model).rstrip("/")).name
+    context = a.max_seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
+    engine = Engine(model, tok, max_batch=a.max_batch, max_seq_len=context)
+    names = []
+    for spec in a.adapter:
+        name, _, path = spec.partition("=")
+        engine.add_adapter(name, path)
+        names.append(name)
+    served = {base, *names}
+    unknown = [s for s in (arena.live if arena else []) if s not in served]
+    if unknown:
+        raise UserError(f"--arena live:{unknown[0]}: no served model of that name; served: {sorted(served)}")
+    scheduler = Scheduler(engine).start()
+    app = create_app(scheduler, tok, base, api_key=api_key, adapter_dir=a.adapter_dir, adapters=names,
+                     stop_token_ids=stop_token_ids(model, tok), arena=arena,
+                     limits=Limits(max_new_tokens=a.max_new_tokens, context_length=context,
+                                   max_body_bytes=a.max_body_kb * 1024, max_pending=64 * a.max_batch))
+    url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{a.port}"
+    print(f"fourbit serve: {base} ({a.quant}) with adapters {names or 'none'}; OpenAI API at {url}/v1, chat at "
+          f"{url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "") +
+          ("; API key required" if api_key else ""), file=sys.stderr)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    finally:
+        scheduler.close()
+    return 0
