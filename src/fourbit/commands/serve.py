@@ -102,21 +102,17 @@ def _merge_repeated(argv: list[str]) -> list[str]:
     return out
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """What to tell an operator who binds beyond loopback without an API key (None: nothing)."""
+    if api_key or host == "localhost":
+        return None
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def stop_token_ids(model, tok) -> list[int]:
-    """End-of-turn tokens: the tokenizer's eos and the generation config's (one id or a list)."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen} if gen is not None else set()
-    return sorted(ids)
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (f"WARNING: binding {host} without --api-key-env: anyone who can reach this address can use the "
+            f"model, the arena and the adapter endpoints")
 
 
 def main(argv: list[str]) -> int:
@@ -126,41 +122,30 @@ def main(argv: list[str]) -> int:
                   description="An OpenAI-compatible server: one 4-bit base, many LoRA adapters, a web chat "
                               "and a web arena.")
     api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    if not _is_loopback(a.host) and not api_key:
-        print(f"fourbit serve: WARNING: binding {a.host} without --api-key-env: anyone who can reach this "
-              f"address can use the model{' and load adapters from ' + a.adapter_dir if a.adapter_dir else ''}",
-              file=sys.stderr)
+    warning = bind_warning(a.host, api_key)
+    if warning:
+        print(f"fourbit serve: {warning}", file=sys.stderr)
     try:
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
         raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
 
-    from fourbit.engine import Engine
     from fourbit.models import load_model
-    from fourbit.serve import Arena, Limits, Scheduler, create_app
+    from fourbit.serve import Arena, Limits, build_app
 
     arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None  # checks the files before the model loads
     model, tok = load_model(a.model, quant=a.quant, device=a.device)
     if tok is None:
         raise UserError(f"model {a.model} has no tokenizer files; serving needs a tokenizer")
     base = Path(str(a.model).rstrip("/")).name
+    adapters = dict(spec.partition("=")[::2] for spec in a.adapter)
     context = a.max_seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
-    engine = Engine(model, tok, max_batch=a.max_batch, max_seq_len=context)
-    names = []
-    for spec in a.adapter:
-        name, _, path = spec.partition("=")
-        engine.add_adapter(name, path)
-        names.append(name)
-    served = {base, *names}
-    unknown = [s for s in (arena.live if arena else []) if s not in served]
-    if unknown:
-        raise UserError(f"--arena live:{unknown[0]}: no served model of that name; served: {sorted(served)}")
-    scheduler = Scheduler(engine).start()
-    app = create_app(scheduler, tok, base, api_key=api_key, adapter_dir=a.adapter_dir, adapters=names,
-                     stop_token_ids=stop_token_ids(model, tok), arena=arena,
-                     limits=Limits(max_new_tokens=a.max_new_tokens, context_length=context,
-                                   max_body_bytes=a.max_body_kb * 1024, max_pending=64 * a.max_batch))
+    limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context, max_body_bytes=a.max_body_kb * 1024,
+                    max_pending=64 * a.max_batch)
+    app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,
+                               api_key=api_key, adapter_dir=a.adapter_dir, arena=arena)
+    names = list(adapters)
     url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{a.port}"
     print(f"fourbit serve: {base} ({a.quant}) with adapters {names or 'none'}; OpenAI API at {url}/v1, chat at "
           f"{url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "") +

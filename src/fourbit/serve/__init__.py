@@ -16,9 +16,9 @@ Starlette and uvicorn are the optional extra `serve` (pip install 'fourbit[serve
 only when an app is built.
 """
 
-from fourbit.serve.app import Limits, ServerThread, create_app
+from fourbit.serve.app import Limits, ServerThread, build_app, create_app
 from fourbit.serve.arena import Arena
 from fourbit.serve.scheduler import Scheduler, TokenStream
 from fourbit.serve.text import TextDecoder
 
-__all__ = ["create_app", "Limits", "ServerThread", "Scheduler", "TokenStream", "Arena", "TextDecoder"]
+__all__ = ["build_app", "create_app", "Limits", "ServerThread", "Scheduler", "TokenStream", "Arena", "TextDecoder"]

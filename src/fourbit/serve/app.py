@@ -391,6 +391,37 @@ def create_app(scheduler: Scheduler, tokenizer, base_name: str, *, limits: Limit
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
+def build_app(model, tokenizer, base_name: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8,
+              limits: Limits | None = None, api_key: str | None = None, adapter_dir: str | Path | None = None,
+              arena=None):
+    """(app, scheduler) for a loaded model: the engine with its adapters, its thread started, the app.
+
+    What `fourbit serve` runs, and what tests and benchmarks build; call `scheduler.close()` when done.
+    `limits.context_length` becomes the engine's max_seq_len (default: the model's context)."""
+    from fourbit.engine import Engine
+
+    limits = limits or Limits(context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=limits.context_length)
+    for name, path in (adapters or {}).items():
+        engine.add_adapter(name, str(path))
+    served = {base_name, *(adapters or {})}
+    unknown = [s for s in (arena.live if arena else []) if s not in served]
+    if unknown:
+        raise UserError(f"--arena live:{unknown[0]}: no served model of that name; served: {sorted(served)}")
+    scheduler = Scheduler(engine).start()
+    app = create_app(scheduler, tokenizer, base_name, limits=limits, api_key=api_key, adapter_dir=adapter_dir,
+                     adapters=list(adapters or {}), stop_token_ids=stop_token_ids(model, tokenizer), arena=arena)
+    return app, scheduler
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """End-of-turn tokens: the tokenizer's eos and the generation config's (one id or a list)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen} if gen is not None else set()
+    return sorted(ids)
+
+
 async def _answer(srv: _Server, model: str, question: str) -> str:
     """A greedy answer to one question, for the arena's live systems."""
     req = GenerationRequest(model, messages=[{"role": "user", "content": question}],
