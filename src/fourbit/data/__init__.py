@@ -13,7 +13,7 @@ resumable batching and packing, and the built-in demo task.
         batch = collate([tokenized[i] for i in idx], tokenizer.pad_token_id)
         # {"input_ids", "attention_mask", "labels"}: (B, T) int64 tensors
 
-Modules: `formats` (reading files, detecting formats, DataReport), `tokenize` (templates, label
+Modules: `example` (Example, DataReport), `formats` (reading files, detecting formats), `tokenize` (templates, label
 masking, truncation), `batching` (split, order, collate, packing), `builtin` (the demo task:
 `load_examples("builtin")`, `builtin_examples(split, n)`, `score_builtin`). User mistakes
 (missing path, empty file, unknown format, every example truncated away) raise
@@ -22,12 +22,13 @@ masking, truncation), `batching` (split, order, collate, packing), `builtin` (th
 
 from fourbit.data.batching import batch_order, collate, pack_examples, split_eval
 from fourbit.data.builtin import builtin_examples, reference_answer, score_builtin
-from fourbit.data.formats import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, DataReport, Example, detect_format,
-                                  load_examples, read_rows)
-from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, tokenize_examples
+from fourbit.data.example import DataReport, Example
+from fourbit.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, detect_format, iter_jsonl, load_examples, read_rows
+from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, render_chat, tokenize_examples
 
 __all__ = [
     "FORMATS", "ALPACA_WITH_INPUT", "ALPACA_NO_INPUT", "Example", "DataReport", "load_examples", "read_rows",
     "detect_format", "tokenize_examples", "chat_segments", "prompt_text", "IGNORE", "split_eval", "batch_order",
-    "collate", "pack_examples", "builtin_examples", "reference_answer", "score_builtin",
+    "collate", "pack_examples", "builtin_examples", "reference_answer", "score_builtin", "iter_jsonl",
+    "render_chat",
 ]

@@ -4,7 +4,7 @@ Every row becomes an `Example`: a list of turns (role, text) with role "system",
 "assistant", or for plain text a single "text" turn. Formats, detected per file from the keys of
 its first rows (or forced with `format=`):
 
-    alpaca   instruction, input (optional), output      -> the two ALPACA prompt templates (SPEC §8)
+    alpaca   instruction, input (optional), output      -> the two ALPACA prompt templates (QLoRA's)
     oasst    text: "### Human: ... ### Assistant: ..."   -> one (prompt, reply) pair per assistant turn
     chat     messages: [{role, content}, ...]           -> turns as given, rendered later with the
              (or ShareGPT conversations: [{from, value}])  tokenizer's chat template
@@ -26,16 +26,17 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from fourbit.data.builtin import builtin_examples
+from fourbit.data.example import DataReport, Example
 from fourbit.errors import UserError
 
 FORMATS = ("alpaca", "oasst", "chat", "io", "text")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BAD_ROW_POLICIES = ("skip", "error")
 
-# QLoRA's ALPACA_PROMPT_DICT (SPEC §8), character for character; note the space after "### Response:".
+# QLoRA's ALPACA_PROMPT_DICT (qlora.py in the paper's code), character for character; note the space after "### Response:".
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                      "context. Write a response that appropriately completes the request.\n\n"
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")
@@ -48,68 +49,11 @@ _FORMAT_HELP = ("alpaca (instruction, input, output), oasst (text with '### Huma
                 "chat (messages: [{role, content}]), io (input/prompt, output/completion/response), text (text)")
 
 
-@dataclass
-class Example:
-    """One training example before tokenization."""
-
-    turns: list[tuple[str, str]]  # (role, text); role: system | user | assistant | text
-    where: str = ""  # "file:line" of the row, for messages
-    chat: bool = False  # render with the tokenizer's chat template (else: the turns' text verbatim)
-    split: str | None = None  # "train"/"eval" when the source fixes the split (the builtin task), else None
-
-
-@dataclass
-class DataReport:
-    """What happened to the rows, for the run summary: read, used, skipped (why), truncated (why)."""
-
-    source: str = ""
-    format: str = ""  # the detected (or forced) format; "alpaca+io" when a directory mixes files
-    rows: int = 0  # rows read
-    used: int = 0  # examples parsed, minus those that truncation emptied (tokenize_examples)
-    skipped: list[str] = field(default_factory=list)  # "file:line: reason", one per bad row (or chat
-    # conversation the tokenizer's template refused)
-    truncated: int = 0  # examples cut to fit source/target max lengths (still used)
-    truncated_examples: list[str] = field(default_factory=list)  # "file:line: what was cut"
-    dropped_truncated: int = 0  # examples left with no response token after truncation (not used)
-    dropped_examples: list[str] = field(default_factory=list)  # "file:line: why"
-
-    notes: list[str] = field(default_factory=list)  # e.g. "no chat template: ..."
-
-    def summary(self) -> str:
-        """One line for the trainer's log."""
-        s = f"{self.rows} rows ({self.format}) from {self.source}: {self.used} used"
-        if self.skipped:
-            s += f", {len(self.skipped)} skipped (e.g. {self.skipped[0]})"
-        if self.truncated:
-            s += f", {self.truncated} truncated (e.g. {self.truncated_examples[0]})"
-        if self.dropped_truncated:
-            s += f", {self.dropped_truncated} dropped because truncation left no response (e.g. " \
-                 f"{self.dropped_examples[0]})"
-        return s + "".join(f"; {n}" for n in self.notes)
-
-    def details(self, limit: int = 10) -> str:
-        """The summary, then up to `limit` lines per kind of problem."""
-        lines = [self.summary()]
-        for title, items in (("skipped", self.skipped), ("truncated", self.truncated_examples),
-                             ("dropped", self.dropped_examples)):
-            lines += [f"  {title}: {x}" for x in items[:limit]]
-            if len(items) > limit:
-                lines.append(f"  ... {len(items) - limit} more {title}")
-        return "\n".join(lines)
-
-    def as_dict(self, limit: int = 20) -> dict:
-        """JSON-ready counts with the first `limit` reasons of each kind."""
-        return {"source": self.source, "format": self.format, "rows": self.rows, "used": self.used,
-                "skipped": len(self.skipped), "skipped_examples": self.skipped[:limit],
-                "truncated": self.truncated, "truncated_examples": self.truncated_examples[:limit],
-                "dropped_truncated": self.dropped_truncated, "dropped_examples": self.dropped_examples[:limit],
-                "notes": list(self.notes)}
-
-
 # -- reading rows: (where, row) pairs ---------------------------------------------------------------
-def iter_jsonl(path: str | Path):
-    """(line number, parsed row) for each non-blank line; a line that is not JSON is a UserError
-    naming file:line."""
+def iter_jsonl(path: str | Path, bad: list[str] | None = None):
+    """(line number, parsed row) for each non-blank line. A line that is not JSON is a UserError
+    naming file:line, or, when a `bad` list is given, recorded there ("file:line: not JSON ...")
+    and skipped: for readers that count bad lines instead of stopping (fourbit elo)."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -117,6 +61,9 @@ def iter_jsonl(path: str | Path):
             try:
                 yield i, json.loads(line)
             except json.JSONDecodeError as e:
+                if bad is not None:
+                    bad.append(f"{path}:{i}: not JSON ({e.msg}, column {e.colno})")
+                    continue
                 raise UserError(f"{path}:{i}: not valid JSON ({e.msg}, column {e.colno}). Each line of a .jsonl "
                                 f"file must be one JSON object; fix or delete that line") from None
 
@@ -370,8 +317,6 @@ def load_examples(source: str, format: str = "auto", on_bad_row: str = "skip") -
     if on_bad_row not in BAD_ROW_POLICIES:
         raise UserError(f"on_bad_row must be skip or error, got {on_bad_row!r}")
     if source == "builtin":
-        from fourbit.data.builtin import builtin_examples
-
         ex = builtin_examples()
         return ex, DataReport(source="builtin", format="chat", rows=len(ex), used=len(ex))
     files = read_files(source)

@@ -1,4 +1,4 @@
-"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5, SPEC §8).
+"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5; qlora.py's DataCollatorForCausalLM).
 
 An example becomes a list of segments (text, trained?). Prompt segments get label -100 (IGNORE);
 response segments keep their token ids as labels, so the loss covers every assistant turn of a
@@ -27,7 +27,7 @@ reported like bad rows.
 
 from __future__ import annotations
 
-from fourbit.data.formats import DataReport, Example
+from fourbit.data.example import DataReport, Example
 from fourbit.errors import UserError
 
 IGNORE = -100  # label of a token the loss skips (torch's cross_entropy ignore_index)
@@ -94,6 +94,17 @@ def prompt_text(example: Example, tokenizer) -> str:
         segs = _fallback_segments(turns + [("assistant", "")])[:-1]
         return "".join(t + (eos if trained else "") for t, trained in segs)
     return "".join(t + (eos if r == "assistant" else "") for r, t in turns)
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Messages ({role, content}) as the text a model reads: the tokenizer's chat template, or, when
+    it has none, the layout fourbit trains with (see _FALLBACK_NOTE), so generation reads like training."""
+    if _has_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    turns = [(m["role"], m["content"]) for m in messages]
+    if add_generation_prompt:
+        return "".join(t for t, _ in _fallback_segments(turns + [("assistant", "")])[:-1])
+    return "".join(t for t, _ in _fallback_segments(turns))
 
 
 def _adds_bos(tokenizer) -> bool:

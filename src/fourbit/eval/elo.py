@@ -1,4 +1,4 @@
-"""Elo ratings from pairwise judgments, as in the QLoRA paper (§6.1, SPEC §9), and Bradley-Terry.
+"""Elo ratings from pairwise judgments, as in the QLoRA paper (§6.1), and Bradley-Terry.
 
 Elo: every system starts at 1000; for a match between a and b with score S (1 a wins, 0 b wins,
 0.5 tie), E = 1 / (1 + 10^((Rb - Ra) / 400)), Ra += K (S - E), Rb -= K (S - E), K = 32. Elo
@@ -24,13 +24,13 @@ they are (`A-vs-B-gpt-4-reviewer-threeclass.jsonl`, names from the file name; sc
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fourbit.data import iter_jsonl
 from fourbit.errors import UserError
 
 START, K = 1000.0, 32.0
@@ -60,13 +60,9 @@ def read_judgments(paths: list[str]) -> Matches:
         if not p.is_file():
             raise UserError(f"judgment file {path} does not exist")
         m = _PAPER_NAME.match(p.name)
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(f"{p}:{i}: not JSON")
+        for i, row in iter_jsonl(p, bad):
+            if not isinstance(row, dict):
+                bad.append(f"{p}:{i}: not a JSON object")
                 continue
             first, second = (m["a"], m["b"]) if m else (row.get("first"), row.get("second"))
             if not first or not second:
@@ -238,39 +234,3 @@ def plot_elo(result: EloResult, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def format_table(result: EloResult) -> str:
-    w = max(len(n) for n in result.ratings)
-    lines = [f"{'system':<{w}}  {'Elo':>7}  {'95% interval':>17}  {'Bradley-Terry':>13}"]
-    for n, r in result.ratings.items():
-        lo, hi = result.ci95[n]
-        lines.append(f"{n:<{w}}  {r:7.1f}  [{lo:7.1f}, {hi:7.1f}]  {result.bradley_terry[n]:13.1f}")
-    lines.append(f"{result.matches} matches, {result.unreadable} unreadable judgments skipped, "
-                 f"{result.orderings} orderings")
-    return "\n".join(lines)
-
-
-def elo_main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="fourbit elo", description="Elo (mean over random orderings) and "
-                                 "Bradley-Terry ratings from pairwise judgment files.")
-    ap.add_argument("judgments", nargs="+", help="judgment JSONL files (fourbit's or the QLoRA paper's)")
-    ap.add_argument("--orderings", type=int, default=10_000, help="random match orderings to average (default 10000)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the orderings")
-    ap.add_argument("--json", metavar="FILE", help="write {ratings, ci95, matches, ...} as JSON ('-' for stdout)")
-    ap.add_argument("--plot", metavar="PNG", help="draw the ratings with their intervals")
-    a = ap.parse_args(argv)
-    if a.orderings < 1:
-        raise UserError(f"--orderings must be >= 1, got {a.orderings}")
-    res = elo_ratings(a.judgments, a.orderings, a.seed)
-    if a.json == "-":
-        print(json.dumps(res.as_dict(), indent=2))
-    else:
-        print(format_table(res))
-        if a.json:
-            Path(a.json).write_text(json.dumps(res.as_dict(), indent=2) + "\n")
-    if a.plot:
-        plot_elo(res, a.plot)
-    return 0

@@ -3,7 +3,7 @@
 For every question both files answer, the judge sees the question and the two answers and says
 1 (first better), 2 (second better) or 3 (tie), with the QLoRA paper's three-class prompt
 (judge_prompts.jsonl, from the paper's released evaluation code, MIT). Each pair is judged in
-both orders to cancel position bias (SPEC §9). Judgments are appended to a JSONL file as they
+both orders to cancel position bias (QLoRA §6.1: the judge favours the answer shown first). Judgments are appended to a JSONL file as they
 come, one line each (`question_id`, `first`, `second`, `score`, `judge`, `raw`), and pairs already
 in that file are skipped, so a long or interrupted run loses nothing and resumes. Judge output
 whose last line is not 1, 2 or 3 is recorded with score -1 and counted; `fourbit elo` skips it.
@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fourbit.data import iter_jsonl
 from fourbit.errors import UserError
 
 PROMPTS = Path(__file__).with_name("judge_prompts.jsonl")
@@ -31,8 +31,7 @@ _LAST_NUMBER = re.compile(r"([123])\s*\W*\s*$")
 
 
 def load_prompts() -> dict[str, dict]:
-    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-    return {r["category"]: r for r in rows if "category" in r}
+    return {r["category"]: r for _, r in iter_jsonl(PROMPTS) if "category" in r}
 
 
 def read_answers(path: str) -> tuple[str, dict[str, dict]]:
@@ -40,8 +39,6 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"answer file {path} does not exist")
-    from fourbit.data.formats import iter_jsonl
-
     out, name = {}, None
     for i, row in iter_jsonl(p):
         if "question_id" not in row:
@@ -60,13 +57,13 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
 def attach_questions(answers: dict[str, dict], questions_file: str | None) -> None:
     if not questions_file:
         return
-    for line in Path(questions_file).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = json.loads(line)
-            qid = str(q.get("question_id"))
-            if qid in answers:
-                answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
-                answers[qid]["category"] = q.get("category")
+    if not Path(questions_file).is_file():
+        raise UserError(f"question file {questions_file} does not exist")
+    for _, q in iter_jsonl(questions_file):
+        qid = str(q.get("question_id"))
+        if qid in answers:
+            answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
+            answers[qid]["category"] = q.get("category")
 
 
 def judge_prompt(question: str, first: str, second: str, category: str | None) -> tuple[str, str]:
@@ -88,13 +85,15 @@ def parse_verdict(text: str) -> int:
 
 # -- judges -----------------------------------------------------------------------------------------
 class ModelJudge:
-    """Any causal LM fourbit loads, prompted with the paper's template, greedy, up to 512 tokens."""
+    """Any causal LM fourbit loads (a model name or fourbit.models.ModelArgs), prompted with the
+    paper's template, greedy, up to 512 tokens."""
 
-    def __init__(self, model: str, adapter: str | None = None, quant: str = "nf4", max_new_tokens: int = 512):
-        from fourbit.generate import load_for_generation
+    def __init__(self, model, adapter: str | None = None, quant: str = "nf4", max_new_tokens: int = 512):
+        from fourbit.models import ModelArgs, load_model_and_adapter
 
-        self.name = Path(model).name
-        self.model, self.tok = load_for_generation(model, adapter, quant, None)
+        args = model if isinstance(model, ModelArgs) else ModelArgs(model=str(model), adapter=adapter, quant=quant)
+        self.name = Path(args.model).name
+        self.model, self.tok = load_model_and_adapter(args, need_tokenizer="the model judge")
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, system: str, user: str) -> str:
@@ -179,10 +178,7 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
     out = Path(output)
     done = set()
     if out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
+        done = {(str(r["question_id"]), r["first"], r["second"], r.get("judge")) for _, r in iter_jsonl(out)}
     stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0})
     qids = sorted(ans_a, key=lambda q: (len(q), q))[: limit or None]
     pairs = [(q, (name_a, ans_a), (name_b, ans_b)) for q in qids]
@@ -210,46 +206,3 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                 stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
                 stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
     return stats
-
-
-@dataclass
-class JudgeArgs:
-    """fourbit judge A.jsonl B.jsonl --judge model|endpoint|human"""
-
-    answers_a: str = field(default="", metadata={"help": "first answer file (JSONL)"})
-    answers_b: str = field(default="", metadata={"help": "second answer file (JSONL)"})
-    judge: str = field(default="model", metadata={"help": "model (a local LM), endpoint (OpenAI-compatible) or human"})
-    judge_model: str = field(default="smollm2-135m", metadata={"help": "judge model: a path/name for --judge model, "
-                                                                      "the model id for --judge endpoint"})
-    output: str = field(default="judgments.jsonl", metadata={"help": "judgment JSONL (appended; done pairs skipped)"})
-    questions: str | None = field(default=None, metadata={"help": "question file (Vicuna question.jsonl) for the "
-                                                                  "question text and category"})
-    limit: int = field(default=0, metadata={"help": "judge only the first N questions (0: all)"})
-    one_order: bool = field(default=False, metadata={"help": "judge each pair once instead of in both orders"})
-
-    def validate(self) -> list[str]:
-        p = [] if self.answers_a and self.answers_b else ["two answer files are required: fourbit judge A.jsonl B.jsonl"]
-        p += [] if self.judge in ("model", "endpoint", "human") else [f"--judge must be model, endpoint or human, "
-                                                                      f"got {self.judge!r}"]
-        return p
-
-
-def judge_main(argv: list[str]) -> int:
-    from fourbit.config import parse_cli
-
-    positional = []
-    while argv and not argv[0].startswith("-"):
-        positional.append(argv.pop(0))
-    argv = [*(["--answers-a", positional[0]] if positional else []),
-            *(["--answers-b", positional[1]] if len(positional) > 1 else []), *argv]
-    a = parse_cli(JudgeArgs, argv, prog="fourbit judge", description="Pairwise judgments of two answer files.")
-    judge = {"model": lambda: ModelJudge(a.judge_model), "endpoint": lambda: EndpointJudge(a.judge_model),
-             "human": HumanJudge}[a.judge]()
-    try:
-        s = run_judging(a.answers_a, a.answers_b, judge, a.output, a.questions, a.limit, not a.one_order)
-    except KeyboardInterrupt:
-        print(f"\nstopped; every judgment so far is in {a.output}; run the same command to continue", file=sys.stderr)
-        return 130
-    print(f"{s.judged} judgments written to {a.output} ({s.skipped_existing} already there, {s.unreadable} "
-          f"unreadable); wins (ties count half): " + ", ".join(f"{k} {v:g}" for k, v in s.wins.items()))
-    return 0

@@ -39,7 +39,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
 
-def _output_embedding_names(model: nn.Module) -> set[str]:
+def output_embedding_names(model: nn.Module) -> set[str]:
     """Names of lm_head-like modules (the output embedding), which QLoRA leaves alone."""
     names = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -51,7 +51,7 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
 
 def find_linear_names(model: nn.Module, target: str | list[str] = "all-linear") -> list[str]:
     """Full names of the linear modules to wrap; UserError listing what exists when nothing matches."""
-    skip = _output_embedding_names(model)
+    skip = output_embedding_names(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
     if not linears:
         raise UserError(f"{type(model).__name__} has no linear layers (nn.Linear or Linear4bit) to put LoRA on")
@@ -67,9 +67,50 @@ def find_linear_names(model: nn.Module, target: str | list[str] = "all-linear") 
     return chosen
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name`."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def linear4bit_shells(model: nn.Module, names, quant_type: str = "nf4", **kw) -> None:
+    """Replace each named linear layer by an empty Linear4bit of its shape on the meta device: the
+    streaming loader fills them with `set_quantized`; fourbit.memory's trace runs them empty."""
+    for name in names:
+        lin = model.get_submodule(name)
+        set_module(model, name, Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                           quant_type=quant_type, device="meta", **kw))
+
+
+def quantize_linears(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                     compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                     device: torch.device | str | None = None) -> int:
+    """Replace every linear layer but lm_head by a Linear4bit holding its weight (in place); returns how many."""
+    names = find_linear_names(model)
+    for name in names:
+        lin = model.get_submodule(name)
+        w = lin.weight.detach().to(device or lin.weight.device)
+        q = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant, compute_dtype, weight=w)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().to(w.device), requires_grad=False)
+        set_module(model, name, q)
+        lin.weight = None  # drop the 16-bit weight now, not at the end
+    return len(names)
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype, names=None) -> int:
+    """Replace every Linear4bit (or those named) by a frozen nn.Linear holding its weight, computed in
+    float32 and rounded once to `dtype` (in place); returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)] if names is None else list(names)
+    for name in names:
+        q = model.get_submodule(name)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.weight.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(torch.float32))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        set_module(model, name, lin.requires_grad_(False))
+    return len(names)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -93,7 +134,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
         if is_norm(m) and any(p.dtype == torch.float16 for p in m.parameters(recurse=False)):
             m.float()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if getattr(model, "config", None) is not None:
@@ -116,7 +160,7 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     for name in names:
         lora = LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                           adapter_dtype=adapter_dtype)
-        _set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
+        set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -144,7 +188,7 @@ def trainable_summary(model: nn.Module) -> str:
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
     """Replace every LoraLinear by its merged base layer (in place); returns the model."""
     for name, m in lora_modules(model).items():
-        _set_module(model, name, m.merge(dtype=dtype, requantize=requantize))
+        set_module(model, name, m.merge(dtype=dtype, requantize=requantize))
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -1,6 +1,6 @@
 """`Linear4bit`: a frozen linear layer stored as packed 4-bit codes (bitsandbytes' format).
 
-One autograd.Function does the work (QLoRA §3, SPEC §5): forward dequantizes W to the input's
+One autograd.Function does the work (QLoRA §3; torchao's LinearNF4): forward dequantizes W to the input's
 dtype and computes x @ W^T + b; backward dequantizes W again and returns grad_y @ W. Only the
 packed codes and the QuantState are kept for backward, never a 16-bit copy of W, and W gets no
 gradient. Dequantization goes through `fourbit.quant.dequantize_4bit` (C kernel on CPU, Triton
@@ -13,6 +13,8 @@ checkpoint that transformers + bitsandbytes loads.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +47,24 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
 
 def dequantize_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) in `dtype`, in the shared scratch buffer: valid until the next call."""
+    if _HOOK:
+        return _HOOK[-1](packed, state, dtype)
     return dequantize_4bit(packed, state, dtype, out=_scratch(state.shape, dtype, packed.device))
+
+
+_HOOK: list = []  # see dequantize_hook
+
+
+@contextlib.contextmanager
+def dequantize_hook(fn):
+    """Inside the block, every Linear4bit and LoraLinear dequantizes with `fn(packed, state, dtype)`
+    instead: how fourbit.memory's meta-device trace stands in a view of its own counted buffer for
+    the weight (meta tensors hold no codes), without patching this module from outside."""
+    _HOOK.append(fn)
+    try:
+        yield
+    finally:
+        _HOOK.remove(fn)
 
 
 class _Linear4bitFn(torch.autograd.Function):
@@ -72,9 +91,9 @@ def _gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Ten
     """x @ W^T straight from the packed codes (Triton), or None when Triton is unavailable."""
     t = _TRITON.get("module", _TRITON)
     if t is _TRITON:  # first call: look the kernel module up once
-        from fourbit.quant.blockwise import _triton
+        from fourbit.quant import triton_kernels
 
-        t = _TRITON["module"] = _triton()
+        t = _TRITON["module"] = triton_kernels()
     return None if t is None else t.gemv_4bit(x, packed.view(torch.uint8), state)
 
 

@@ -43,15 +43,13 @@ def _compiler() -> str | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    from fourbit.embedded import cache_dir
-
     cc = _compiler()
     if cc is None:
         log.info("fourbit: no C compiler found; using the pure-torch 4-bit codec")
         return None
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS, sys.platform]).encode()).hexdigest()[:16]
-    out_dir = cache_dir() / "kernels"
+    out_dir = Path(os.environ.get("FOURBIT_CACHE") or Path.home() / ".cache" / "fourbit") / "kernels"  # standalone: no fourbit import
     lib_path = out_dir / f"cpu4bit-{key}.so"
     if not lib_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
