@@ -257,7 +257,8 @@ def test_api_key_is_required_when_set_and_never_logged_or_echoed(dirs, caplog):
 
 def test_fourbit_judge_endpoint_against_the_server(dirs, tmp_path, monkeypatch):
     """fourbit judge --judge endpoint, pointed at fourbit serve, writes a judgment per ordered pair."""
-    from fourbit.eval.judge import judge_main, judge_prompt
+    from fourbit.commands import judge
+    from fourbit.eval.judge import judge_prompt
     from fourbit.serve import Limits
 
     for name in ("a", "b"):
@@ -270,7 +271,7 @@ def test_fourbit_judge_endpoint_against_the_server(dirs, tmp_path, monkeypatch):
                         limits=Limits(max_new_tokens=512, context_length=1024)) as (url, _):
         monkeypatch.setenv("OPENAI_BASE_URL", url + "/v1")
         monkeypatch.setenv("OPENAI_API_KEY", "unused")
-        assert judge_main([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--judge", "endpoint",
+        assert judge.run([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--judge", "endpoint",
                            "--judge-model", "alpha", "--output", str(out), "--limit", "1"]) == 0
         system, user = judge_prompt("Question 1?", "a says 1", "b says 1", None)
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -309,7 +310,7 @@ def test_command_serves_until_interrupted_and_keeps_the_key_out_of_its_output(di
         port = s.getsockname()[1]
     key = "sk-cli-" + os.urandom(8).hex()
     env = {**os.environ, "SERVE_KEY": key, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-c", "import sys; from fourbit.commands.serve import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from fourbit.commands.serve import run; sys.exit(run(sys.argv[1:]))",
            "--model", str(dirs["model"]), "--adapter", f"alpha={dirs['alpha']}", "--adapter", f"beta={dirs['beta']}",
            "--port", str(port), "--api-key-env", "SERVE_KEY", "--max-new-tokens", "8", "--log-level", "debug"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -338,11 +339,11 @@ def test_command_serves_until_interrupted_and_keeps_the_key_out_of_its_output(di
 
 
 def test_command_refuses_bad_flags_naming_each(tmp_path):
-    from fourbit.commands.serve import main
+    from fourbit.commands.serve import run
     from fourbit.errors import UserError
 
     with pytest.raises(UserError) as e:
-        main(["--adapter", "noequals", "--adapter", f"ok={tmp_path / 'missing'}", "--port", "70000",
+        run(["--adapter", "noequals", "--adapter", f"ok={tmp_path / 'missing'}", "--port", "70000",
               "--api-key-env", "FOURBIT_TEST_UNSET_VAR", "--arena", "only-one.jsonl"])
     msg = str(e.value)
     for part in ("--adapter noequals", "is not a directory", "--port", "FOURBIT_TEST_UNSET_VAR", "--arena"):

@@ -1,30 +1,27 @@
-"""`fourbit serve`: parse and check the flags, load the base and adapters, run the server.
+"""`fourbit serve --model M [--adapter NAME=PATH ...]`: one 4-bit base and its LoRA adapters over an
+OpenAI-compatible API, with a web chat (/) and a web arena for human judges (/arena).
 
-Everything with behaviour lives in `fourbit.serve`; this file only maps flags to it and prints
-what the operator needs to know (where to point a client, and any unsafe choice).
+This module parses and checks the flags, loads the model, and runs uvicorn; everything with
+behaviour lives in `fourbit.serve`. `--adapter NAME=PATH` may be repeated (or list several
+after one flag); it is the serve-only spelling of the model flags' single `--adapter DIR`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fourbit.errors import UserError
-
-_REPEATABLE = ("--adapter", "--arena")  # flags that take several values, given at once or repeated
+SUMMARY = "serve a base and its adapters: OpenAI-compatible API, web chat and arena"
+_REPEATABLE = {"--adapter": "--adapters", "--arena": "--arena"}  # flags given repeatedly -> one list flag
 
 
 @dataclass
-class ServeArgs:
-    """fourbit serve --model M [--adapter NAME=PATH ...]"""
-
-    model: str = field(default="smollm2-135m", metadata={"help": "base model: directory, .gguf, hub id or "
-                                                                  "smollm2-135m"})
-    adapter: list[str] = field(default_factory=list, metadata={
-        "help": "NAME=PATH: a PEFT-format adapter directory served under NAME (several allowed)"})
+class ServeOptions:
+    adapters: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=PATH ...: PEFT-format adapter directories served under NAME (also --adapter NAME=PATH, "
+                "repeatable)"})
     adapter_dir: str | None = field(default=None, metadata={
         "help": "root for adapters loaded at run time (POST /v1/adapters {name, path}, path relative to this "
                 "root); without it, run-time loading is off"})
@@ -39,8 +36,6 @@ class ServeArgs:
     max_seq_len: int | None = field(default=None, metadata={"help": "prompt + answer tokens per request "
                                                                     "(default: the model's context)"})
     max_body_kb: int = field(default=1024, metadata={"help": "largest request body, KiB (413 above)"})
-    quant: str = field(default="nf4", metadata={"help": "nf4, fp4 or none (16-bit base)"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
     arena: list[str] = field(default_factory=list, metadata={
         "help": "systems for /arena: answer files (fourbit generate's JSONL, the QLoRA paper's generation "
                 "files) and/or live:NAME for a served model answering --questions itself"})
@@ -58,7 +53,7 @@ class ServeArgs:
         p += [] if self.max_seq_len is None or self.max_seq_len >= 2 else [
             f"--max-seq-len must be >= 2, got {self.max_seq_len}"]
         p += [] if self.max_body_kb >= 1 else [f"--max-body-kb must be >= 1, got {self.max_body_kb}"]
-        for spec in self.adapter:
+        for spec in self.adapters:
             name, eq, path = spec.partition("=")
             from fourbit.serve.app import ADAPTER_NAME
 
@@ -66,7 +61,7 @@ class ServeArgs:
                 p.append(f"--adapter {spec}: expected NAME=PATH, NAME of letters, digits, '.', '_', '-'")
             elif not Path(path).is_dir():
                 p.append(f"--adapter {spec}: {path} is not a directory")
-        names = [s.partition("=")[0] for s in self.adapter]
+        names = [s.partition("=")[0] for s in self.adapters]
         p += [f"--adapter: the name {n!r} is given twice" for n in sorted({n for n in names if names.count(n) > 1})]
         if self.adapter_dir and not Path(self.adapter_dir).is_dir():
             p.append(f"--adapter-dir {self.adapter_dir}: not a directory")
@@ -84,12 +79,12 @@ class ServeArgs:
 
 
 def _merge_repeated(argv: list[str]) -> list[str]:
-    """`--adapter a=x --adapter b=y` -> `--adapter a=x b=y` (the parser keeps only the last otherwise)."""
+    """`--adapter a=x --adapter b=y` -> `--adapters a=x b=y` (the parser keeps only the last otherwise)."""
     out, merged, current = [], {}, None
     for arg in argv:
         flag, eq, value = arg.partition("=")
-        flag = flag.replace("_", "-")
-        if arg.startswith("--") and flag in _REPEATABLE:
+        flag = _REPEATABLE.get(flag.replace("_", "-"), flag.replace("_", "-"))
+        if arg.startswith("--") and flag in _REPEATABLE.values():
             current = flag
             merged.setdefault(flag, []).extend([value] if eq else [])
         elif current and not arg.startswith("--"):
@@ -115,12 +110,17 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
             f"model, the arena and the adapter endpoints")
 
 
-def main(argv: list[str]) -> int:
-    from fourbit.config import parse_cli
+def run(argv: list[str]) -> int:
+    import sys
 
-    a = parse_cli(ServeArgs, _merge_repeated(list(argv)), prog="fourbit serve",
-                  description="An OpenAI-compatible server: one 4-bit base, many LoRA adapters, a web chat "
-                              "and a web arena.")
+    from fourbit.commands.flags import parse_cli
+    from fourbit.errors import UserError
+    from fourbit.models import ModelArgs, load_model_and_adapter
+
+    (m, a), _ = parse_cli((ModelArgs, ServeOptions), _merge_repeated(list(argv)), prog="fourbit serve",
+                          description=__doc__.split("\n\n")[0].replace("\n", " "))
+    if m.adapter:
+        raise UserError(f"fourbit serve names its adapters: --adapter NAME={m.adapter}")
     api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
     warning = bind_warning(a.host, api_key)
     if warning:
@@ -130,25 +130,23 @@ def main(argv: list[str]) -> int:
         import uvicorn
     except ImportError:
         raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
-
-    from fourbit.models import load_model
+    from fourbit.nn import read_adapter_config
     from fourbit.serve import Arena, Limits, build_app
 
-    arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None  # checks the files before the model loads
-    model, tok = load_model(a.model, quant=a.quant, device=a.device)
-    if tok is None:
-        raise UserError(f"model {a.model} has no tokenizer files; serving needs a tokenizer")
-    base = Path(str(a.model).rstrip("/")).name
-    adapters = dict(spec.partition("=")[::2] for spec in a.adapter)
+    adapters = dict(spec.partition("=")[::2] for spec in a.adapters)
+    for name, path in adapters.items():  # a bad adapter fails in a second, not after the model loads
+        read_adapter_config(path)
+    arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None
+    model, tok = load_model_and_adapter(m, need_tokenizer="fourbit serve")
+    base = Path(str(m.model).rstrip("/")).name
     context = a.max_seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
     limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context, max_body_bytes=a.max_body_kb * 1024,
                     max_pending=64 * a.max_batch)
     app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,
                                api_key=api_key, adapter_dir=a.adapter_dir, arena=arena)
-    names = list(adapters)
     url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{a.port}"
-    print(f"fourbit serve: {base} ({a.quant}) with adapters {names or 'none'}; OpenAI API at {url}/v1, chat at "
-          f"{url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "") +
+    print(f"fourbit serve: {base} ({m.quant}) with adapters {list(adapters) or 'none'}; OpenAI API at {url}/v1, "
+          f"chat at {url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "") +
           ("; API key required" if api_key else ""), file=sys.stderr)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
