@@ -269,8 +269,8 @@ def create_app(scheduler: Scheduler, tokenizer, base_name: str, *, limits: Limit
 
     @api(auth=False)
     async def health(request):
-        return JSONResponse({"status": "ok", "model": base_name, "adapters": srv.adapters,
-                             "running": scheduler.running, "steps": scheduler.steps,
+        # counts only: /health needs no key, so it names no model or adapter
+        return JSONResponse({"status": "ok", "running": scheduler.running, "steps": scheduler.steps,
                              "widest_step": scheduler.widest_step})
 
     def model_card(name: str) -> dict:
