@@ -167,6 +167,25 @@ def test_errors_have_the_openai_shape_and_status_and_the_server_keeps_serving(se
     assert status == 200 and ok["usage"]["completion_tokens"] == 2
 
 
+def test_a_failing_engine_step_ends_its_requests_with_a_500_and_the_server_keeps_serving(server, monkeypatch):
+    url, scheduler = server
+    real_step, calls = scheduler.engine.step, []
+
+    def step_that_fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    monkeypatch.setattr(scheduler.engine, "step", step_that_fails_once)
+    status, out = http("POST", url + "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 4})
+    assert status == 500 and out["error"]["type"] == "server_error"
+    assert "simulated device failure" in out["error"]["message"]
+    status, out = http("POST", url + "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 4})
+    assert status == 200 and out["usage"]["completion_tokens"] == 4
+    assert scheduler.running == 0
+
+
 def test_openai_client_raises_its_own_exception_types(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-adapter", messages=HELLO)
