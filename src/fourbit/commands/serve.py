@@ -33,8 +33,9 @@ class ServeOptions:
                 "never goes on the command line)"})
     max_batch: int = field(default=8, metadata={"help": "requests decoded together per step"})
     max_new_tokens: int = field(default=512, metadata={"help": "cap on max_tokens per request (and its default)"})
-    max_seq_len: int | None = field(default=None, metadata={"help": "prompt + answer tokens per request "
-                                                                    "(default: the model's context)"})
+    max_seq_len: int | None = field(default=None, metadata={
+        "help": "prompt + answer tokens per request; the KV cache holds --max-batch rows of it (default: the "
+                "model's context, at most 2048)"})
     max_body_kb: int = field(default=1024, metadata={"help": "largest request body, KiB (413 above)"})
     arena: list[str] = field(default_factory=list, metadata={
         "help": "systems for /arena: answer files (fourbit generate's JSONL, the QLoRA paper's generation "
@@ -132,6 +133,7 @@ def run(argv: list[str]) -> int:
         raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
     from fourbit.nn import read_adapter_config
     from fourbit.serve import Arena, Limits, build_app
+    from fourbit.serve.app import default_context
 
     adapters = dict(spec.partition("=")[::2] for spec in a.adapters)
     for name, path in adapters.items():  # a bad adapter fails in a second, not after the model loads
@@ -139,7 +141,7 @@ def run(argv: list[str]) -> int:
     arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None
     model, tok = load_model_and_adapter(m, need_tokenizer="fourbit serve")
     base = Path(str(m.model).rstrip("/")).name
-    context = a.max_seq_len or int(getattr(model.config, "max_position_embeddings", 2048))
+    context = a.max_seq_len or default_context(model)
     limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context, max_body_bytes=a.max_body_kb * 1024,
                     max_pending=64 * a.max_batch)
     app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,

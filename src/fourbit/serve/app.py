@@ -397,10 +397,11 @@ def build_app(model, tokenizer, base_name: str, *, adapters: dict[str, str] | No
     """(app, scheduler) for a loaded model: the engine with its adapters, its thread started, the app.
 
     What `fourbit serve` runs, and what tests and benchmarks build; call `scheduler.close()` when done.
-    `limits.context_length` becomes the engine's max_seq_len (default: the model's context)."""
+    `limits.context_length` becomes the engine's max_seq_len, whose KV cache is allocated for
+    max_batch rows of that length up front (default: the model's context, at most 2048)."""
     from fourbit.engine import Engine
 
-    limits = limits or Limits(context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+    limits = limits or Limits(context_length=default_context(model))
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=limits.context_length)
     for name, path in (adapters or {}).items():
         engine.add_adapter(name, str(path))
@@ -412,6 +413,11 @@ def build_app(model, tokenizer, base_name: str, *, adapters: dict[str, str] | No
     app = create_app(scheduler, tokenizer, base_name, limits=limits, api_key=api_key, adapter_dir=adapter_dir,
                      adapters=list(adapters or {}), stop_token_ids=stop_token_ids(model, tokenizer), arena=arena)
     return app, scheduler
+
+
+def default_context(model, cap: int = 2048) -> int:
+    """The model's context, at most `cap` tokens (the KV cache holds max_batch rows of it)."""
+    return min(int(getattr(model.config, "max_position_embeddings", None) or cap), cap)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
