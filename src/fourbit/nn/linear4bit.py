@@ -6,6 +6,9 @@ packed codes and the QuantState are kept for backward, never a 16-bit copy of W,
 gradient. Dequantization goes through `fourbit.quant.dequantize_4bit` (C kernel on CPU, Triton
 on CUDA, pure torch otherwise) into a scratch buffer shared by all Linear4bit layers of the same
 device and dtype, so a forward pass allocates one weight-sized buffer instead of one per layer.
+When no gradient is needed and x has few rows (generation), forward skips the buffer and
+multiplies straight from the codes with `fourbit.quant.matmul_4bit` (the C kernel on a CPU up to
+SKINNY_MAX_ROWS rows, the Triton gemv on CUDA for one row).
 
 The module's state_dict uses bitsandbytes' keys (`weight`, `weight.absmax`, `weight.quant_map`,
 ..., see `fourbit.quant.state`), so `model.state_dict()` of a quantized model saves as a
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
+from fourbit.quant import SKINNY_MAX_ROWS, QuantState, dequantize_4bit, matmul_4bit, quantize_4bit
 from fourbit.quant.state import NestedState
 
 
@@ -43,6 +46,15 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
         _SCRATCH.pop((device, dtype), None)  # free the old one before allocating the bigger one
         buf = _SCRATCH[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
+
+
+def skinny(x: torch.Tensor, in_features: int) -> bool:
+    """True when `matmul_4bit` beats dequantize + matmul for x and no gradient is needed: on a CPU
+    up to SKINNY_MAX_ROWS rows (the C kernel), on CUDA one row (the Triton gemv)."""
+    if (torch.is_grad_enabled() and x.requires_grad) or x.dtype == torch.float64:  # float64: a reference run
+        return False
+    rows = x.numel() // in_features
+    return rows <= SKINNY_MAX_ROWS if x.device.type == "cpu" else rows == 1 and x.is_cuda
 
 
 def dequantize_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -85,19 +97,6 @@ class _Linear4bitFn(torch.autograd.Function):
             w = dequantize_weight(packed, ctx.state, grad_y.dtype)  # (out, in)
             grad_x = grad_y @ w  # (..., in)
         return grad_x, None, None, None
-
-
-def _gemv(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor | None:
-    """x @ W^T straight from the packed codes (Triton), or None when Triton is unavailable."""
-    t = _TRITON.get("module", _TRITON)
-    if t is _TRITON:  # first call: look the kernel module up once
-        from fourbit.quant import triton_kernels
-
-        t = _TRITON["module"] = triton_kernels()
-    return None if t is None else t.gemv_4bit(x, packed.view(torch.uint8), state)
-
-
-_TRITON: dict = {}
 
 
 class Linear4bit(nn.Module):
@@ -201,11 +200,10 @@ class Linear4bit(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cd = self.compute_dtype or x.dtype
+        if cd != torch.float64 and skinny(x, self.in_features):  # generation: no weight-sized buffer
+            xc = x if x.device.type == "cpu" else x.to(cd)  # the CPU kernel computes in float32
+            return matmul_4bit(xc, self.packed, self.quant_state, self.bias).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(cd)
-        if x.is_cuda and x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
-            y = _gemv(x.to(cd), self.packed, self.quant_state)  # one token (generation): no weight-sized buffer
-            if y is not None:
-                return (y if bias is None else y + bias).to(x.dtype)
         y = _Linear4bitFn.apply(x.to(cd), self.packed, self.quant_state, bias)
         return y.to(x.dtype)
 

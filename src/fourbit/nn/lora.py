@@ -18,9 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
+from fourbit.nn.linear4bit import Linear4bit, dequantize_weight, skinny
+from fourbit.quant import matmul_4bit
 
 
 class _QLoraLinearFn(torch.autograd.Function):
@@ -101,6 +103,10 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, Linear4bit):  # the fused path: one autograd node, see _QLoraLinearFn
+            trains = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
+            if not (torch.is_grad_enabled() and trains) and base.compute_dtype != torch.float64 \
+                    and skinny(x, self.in_features):
+                return self._forward_skinny(x)
             cd = base.compute_dtype or x.dtype
             xc = x.to(cd)
             xd = self.lora_dropout(xc) if self.training else xc
@@ -114,6 +120,15 @@ class LoraLinear(nn.Module):
         b = self.lora_B.weight.to(cd)  # (out, r)
         h = torch.nn.functional.linear(self.lora_dropout(x).to(cd), a)  # (..., r)
         return y + torch.nn.functional.linear(h, b) * self.scaling
+
+    def _forward_skinny(self, x: torch.Tensor) -> torch.Tensor:
+        """Generation with a 4-bit base: base product straight from the codes, adapter unmerged."""
+        base = self.base_layer
+        xc = x if x.device.type == "cpu" else x.to(base.compute_dtype or x.dtype)  # CPU: float32 inside
+        y = matmul_4bit(xc, base.packed, base.quant_state, base.bias)  # (..., out)
+        cd = y.dtype
+        h = F.linear(self.lora_dropout(xc).to(cd), self.lora_A.weight.to(cd))  # (..., r)
+        return y.add_(F.linear(h, self.lora_B.weight.to(cd)), alpha=self.scaling).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in float32, (out, in)."""

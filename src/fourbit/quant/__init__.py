@@ -16,6 +16,7 @@ from fourbit.quant.blockwise import (
 )
 from fourbit.quant.codebook import (DTYPES, QUANT_TYPES, dynamic_map, fp4_values, get_code, get_dynamic_map,
                                     nf4_values, zero_code)
+from fourbit.quant.matmul import SKINNY_MAX_ROWS, matmul_4bit, matmul_4bit_reference
 from fourbit.quant.state import NestedState, QuantState, QuantStateError
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "bits_per_parameter", "quantized_nbytes", "QuantState", "NestedState", "QuantStateError",
     "nf4_values", "fp4_values", "dynamic_map", "get_code", "get_dynamic_map", "zero_code", "dequantize_absmax",
     "triton_kernels", "QUANT_TYPES", "DTYPES",
+    "matmul_4bit", "matmul_4bit_reference", "SKINNY_MAX_ROWS",
 ]
