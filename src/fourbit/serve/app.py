@@ -220,15 +220,11 @@ class _Server:
         self.adapters.append(name)
 
     async def remove_adapter(self, name: str) -> None:
+        """Unlisted at once; requests already submitted with it finish with its weights (the engine's rule)."""
         if name not in self.adapters:
             raise ApiError(404, f"no adapter named {protocol._short(name)} is loaded", code="model_not_found")
         self.adapters.remove(name)  # first, so no new request picks it
-
-        def remove(engine):
-            self.scheduler.cancel_adapter_requests(name, f"adapter {name!r} was unloaded")
-            engine.remove_adapter(name)
-
-        await asyncio.wrap_future(self.scheduler.call(remove))
+        await asyncio.wrap_future(self.scheduler.call(lambda engine: engine.remove_adapter(name)))
 
 
 async def _cancel_on_disconnect(request, run: _Run) -> None:

@@ -60,14 +60,15 @@ def _short(value) -> str:
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False, open_lo: bool = False):
     v = body.get(name)
     if v is None:
         return default
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if not ok or isinstance(v, bool) or not lo <= v <= hi:
+    if not ok or isinstance(v, bool) or not lo <= v <= hi or (open_lo and v == lo):
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"{name} must be {kind} in [{lo:g}, {hi:g}], got {_short(v)}", param=name)
+        raise ApiError(400, f"{name} must be {kind} in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {_short(v)}",
+                       param=name)
     return v
 
 
@@ -99,8 +100,8 @@ def _sampling(body: dict, max_tokens_cap: int) -> Sampling:
     _refuse_unless(body, "n", (1, None), "one choice per request")
     _refuse_unless(body, "logit_bias", (None, {}), "no logit bias")
     return Sampling(max_tokens=max_tokens, temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-                    top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0)),
-                    seed=_number(body, "seed", None, -2**63, 2**63 - 1, integer=True), stop=stop)
+                    top_p=float(_number(body, "top_p", 1.0, 0.0, 1.0, open_lo=True)),
+                    seed=_number(body, "seed", None, 0, 2**63 - 1, integer=True), stop=stop)
 
 
 def _common(body: dict) -> tuple[str, bool, bool]:

@@ -121,11 +121,6 @@ class Scheduler:
 
         return await asyncio.wrap_future(self.call(submit))
 
-    def cancel_adapter_requests(self, adapter: str, reason: str) -> None:
-        """On the engine thread: end every request that uses `adapter` (it is being unloaded)."""
-        for stream in [s for s in self._streams.values() if s.adapter == adapter]:
-            self._finish(stream, _End(RuntimeError(reason)), cancel=True)
-
     # -- engine thread ------------------------------------------------------------------------
     def _cancel(self, stream: TokenStream) -> None:
         if stream.done or self._closing:
