@@ -133,25 +133,32 @@ def run(argv: list[str]) -> int:
         raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
     from fourbit.nn import read_adapter_config
     from fourbit.serve import Arena, Limits, build_app
-    from fourbit.serve.app import default_context
+    from fourbit.serve.app import bind, default_context
 
     adapters = dict(spec.partition("=")[::2] for spec in a.adapters)
     for name, path in adapters.items():  # a bad adapter fails in a second, not after the model loads
         read_adapter_config(path)
     arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None
-    model, tok = load_model_and_adapter(m, need_tokenizer="fourbit serve")
-    base = Path(str(m.model).rstrip("/")).name
-    context = a.max_seq_len or default_context(model)
-    limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context, max_body_bytes=a.max_body_kb * 1024,
-                    max_pending=64 * a.max_batch)
-    app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,
-                               api_key=api_key, adapter_dir=a.adapter_dir, arena=arena)
-    url = f"http://{a.host if ':' not in a.host else f'[{a.host}]'}:{a.port}"
-    print(f"fourbit serve: {base} ({m.quant}) with adapters {list(adapters) or 'none'}; OpenAI API at {url}/v1, "
-          f"chat at {url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "") +
-          ("; API key required" if api_key else ""), file=sys.stderr)
+    sock, url = bind(a.host, a.port)  # a port in use fails now, not after the model loads
+    scheduler = None
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+        model, tok = load_model_and_adapter(m, need_tokenizer="fourbit serve")
+        base = Path(str(m.model).rstrip("/")).name
+        context = a.max_seq_len or default_context(model)
+        limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context,
+                        max_body_bytes=a.max_body_kb * 1024, max_pending=64 * a.max_batch)
+        app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,
+                                   api_key=api_key, adapter_dir=a.adapter_dir, arena=arena)
+        print(f"fourbit serve: {base} ({m.quant}) with adapters {list(adapters) or 'none'}; OpenAI API at "
+              f"{url}/v1, chat at {url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "")
+              + ("; API key required" if api_key else ""), file=sys.stderr)
+        server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=5))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: the normal way to stop
+            pass
     finally:
-        scheduler.close()
+        if scheduler is not None:
+            scheduler.close()
+        sock.close()
     return 0

@@ -435,6 +435,23 @@ async def _answer(srv: _Server, model: str, question: str) -> str:
         run.cancel()
 
 
+def bind(host: str, port: int):
+    """(listening socket, its base URL): bound before uvicorn starts, so port 0 gives a known free port."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (0: any free one)"
+                        ) from None
+    sock.listen(2048)
+    shown = f"[{host}]" if ":" in host else host
+    return sock, f"http://{shown}:{sock.getsockname()[1]}"
+
+
 class ServerThread:
     """uvicorn serving an app on a background thread, on a free loopback port unless told otherwise.
 
@@ -442,14 +459,9 @@ class ServerThread:
     http://127.0.0.1:PORT); leaving the block stops uvicorn and waits for its thread."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import socket
-
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.sock, self.url = bind(host, port)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="fourbit-http", daemon=True)
