@@ -273,7 +273,7 @@ def test_run_time_loading_is_off_without_an_adapter_dir(dirs):
 def test_api_key_is_required_when_set_and_never_logged_or_echoed(dirs, caplog):
     key = "sk-test-" + os.urandom(8).hex()
     caplog.set_level(logging.DEBUG)
-    with running_server(dirs["model"], api_key=key) as (url, _):
+    with running_server(dirs["model"], api_key=key, adapter_dir=dirs["root"]) as (url, _):
         chat = {"model": BASE, "messages": HELLO, "max_tokens": 2}
         seen = []
         for headers, expected in [({}, 401), ({"Authorization": "Bearer wrong-" + key}, 401),
@@ -282,6 +282,10 @@ def test_api_key_is_required_when_set_and_never_logged_or_echoed(dirs, caplog):
             assert status == expected, out
             seen.append(json.dumps(out))
         assert http("GET", url + "/v1/models")[0] == 401
+        assert http("POST", url + "/v1/adapters", {"name": "a", "path": "alpha"})[0] == 401
+        assert http("DELETE", url + "/v1/adapters/a")[0] == 401
+        assert http("POST", url + "/v1/adapters", {"name": "a", "path": "alpha"},
+                    headers={"Authorization": f"Bearer {key}"})[0] == 201
         assert http("GET", url + "/health")[0] == 200  # holds no data
         assert http("GET", url + "/")[0] == 200  # the page asks for the key itself
         c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
