@@ -147,7 +147,7 @@ class _Server:
             return None
         if model in self.adapters:
             return model
-        raise ApiError(404, f"model {protocol._short(model)} does not exist here; served: "
+        raise ApiError(404, f"model {protocol.short(model)} does not exist here; served: "
                             f"{', '.join([self.base_name, *self.adapters])}", param="model", code="model_not_found")
 
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
@@ -197,7 +197,7 @@ class _Server:
         if not resolved.is_relative_to(self.adapter_root):
             raise ApiError(400, "path must stay inside the server's adapter directory", param="path")
         if not resolved.is_dir():
-            raise ApiError(404, f"no adapter directory {protocol._short(path)} under the adapter directory",
+            raise ApiError(404, f"no adapter directory {protocol.short(path)} under the adapter directory",
                            param="path", code="adapter_not_found")
         return resolved
 
@@ -222,7 +222,7 @@ class _Server:
     async def remove_adapter(self, name: str) -> None:
         """Unlisted at once; requests already submitted with it finish with its weights (the engine's rule)."""
         if name not in self.adapters:
-            raise ApiError(404, f"no adapter named {protocol._short(name)} is loaded", code="model_not_found")
+            raise ApiError(404, f"no adapter named {protocol.short(name)} is loaded", code="model_not_found")
         self.adapters.remove(name)  # first, so no new request picks it
         await asyncio.wrap_future(self.scheduler.call(lambda engine: engine.remove_adapter(name)))
 

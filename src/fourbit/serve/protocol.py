@@ -55,7 +55,7 @@ class GenerationRequest:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
 
 
-def _short(value) -> str:
+def short(value) -> str:
     r = repr(value)
     return r if len(r) <= 40 else r[:37] + "..."
 
@@ -67,14 +67,14 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if not ok or isinstance(v, bool) or not lo <= v <= hi or (open_lo and v == lo):
         kind = "an integer" if integer else "a number"
-        raise ApiError(400, f"{name} must be {kind} in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {_short(v)}",
+        raise ApiError(400, f"{name} must be {kind} in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {short(v)}",
                        param=name)
     return v
 
 
 def _refuse_unless(body: dict, name: str, allowed: tuple, what: str) -> None:
     if name in body and body[name] not in allowed:
-        raise ApiError(400, f"{name}={_short(body[name])} is not supported by this server ({what})", param=name)
+        raise ApiError(400, f"{name}={short(body[name])} is not supported by this server ({what})", param=name)
 
 
 def _sampling(body: dict, max_tokens_cap: int) -> Sampling:
@@ -82,7 +82,7 @@ def _sampling(body: dict, max_tokens_cap: int) -> Sampling:
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ApiError(400, f"{name} must be a positive integer, got {_short(max_tokens)}", param=name)
+            raise ApiError(400, f"{name} must be a positive integer, got {short(max_tokens)}", param=name)
         if max_tokens > max_tokens_cap:
             raise ApiError(400, f"{name} is {max_tokens}, over this server's cap of {max_tokens_cap} "
                                 f"(fourbit serve --max-new-tokens)", param=name)
@@ -111,7 +111,7 @@ def _common(body: dict) -> tuple[str, bool, bool]:
                        param="model")
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
-        raise ApiError(400, f"stream must be true or false, got {_short(stream)}", param="stream")
+        raise ApiError(400, f"stream must be true or false, got {short(stream)}", param="stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
@@ -140,7 +140,7 @@ def parse_chat(body: dict, max_tokens_cap: int) -> GenerationRequest:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             got = m.get("role") if isinstance(m, dict) else m
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {_short(got)}",
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {short(got)}",
                            param=f"messages[{i}].role")
         checked.append({"role": m["role"], "content": _content(m, i)})
     _refuse_unless(body, "tools", (None, []), "no tool calls")
