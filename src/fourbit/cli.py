@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 
 from fourbit import __version__
-from fourbit.commands import chat, elo, eval, generate, judge, memory, merge, quantize, train
+from fourbit.commands import chat, elo, eval, generate, judge, memory, merge, quantize, serve, train
 
-COMMANDS = {m.__name__.rpartition(".")[2]: m for m in (train, quantize, merge, chat, generate, eval, judge, elo,
-                                                        memory)}
+COMMANDS = {m.__name__.rpartition(".")[2]: m for m in (train, quantize, merge, chat, generate, serve, eval, judge,
+                                                        elo, memory)}
 
 
 def _usage() -> str:
