@@ -316,7 +316,7 @@ def child(spec: dict) -> dict:
     text = Path(spec["wikitext"]).read_text(encoding="utf-8")[: s.wikitext_chars or None]
     res = {"key": s.key(), "dataset": spec["dataset"], "row": row, "seed": seed, "device": s.device,
            "date": time.strftime("%Y-%m-%d %H:%M")}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if spec["before"]:
         model, tok = load_base(row, s)
         held = heldout_examples(spec["heldout"], tok, s)
@@ -330,7 +330,7 @@ def child(spec: dict) -> dict:
     else:
         info, trained = run_trainer(row, s, seed, spec["train"], out)
         res.update(info)
-    res["train_seconds"] = round(time.perf_counter() - t1, 1)
+    res["train_seconds"], res["before_seconds"] = round(time.perf_counter() - t1, 1), round(t1 - t0, 1)
     if trained is not None:  # full fine-tuning: the trained 16-bit model itself
         model, tok = trained.to(s.device), load_tokenizer_from(resolve_source(s.model))
     else:
@@ -339,6 +339,7 @@ def child(spec: dict) -> dict:
     held = heldout_examples(spec["heldout"], tok, s)
     res["after"] = score(model, tok, held, text, s)
     res["heldout_examples"], res["seconds"] = len(held), round(time.perf_counter() - t0, 1)
+    res["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads: sizes runs on a busy machine
     shutil.rmtree(out)  # this run's scratch (adapter, optimizer state: ~250 MB at r=64); the result is the line
     return res
 
