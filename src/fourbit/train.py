@@ -67,6 +67,8 @@ class TrainConfig:
     r: int = field(default=64, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    init: str = field(default="default", metadata={"help": "LoRA init: default (B = 0) or loftq (from the SVD of the "
+                                                           "4-bit quantization error; reads the 16-bit weights)"})
     target: str = field(default="all-linear", metadata={"help": "all-linear, or comma-separated module names (q_proj,v_proj)"})
     source_max_len: int = field(default=512, metadata={"help": "max prompt tokens (longer prompts are cut from the left)"})
     target_max_len: int = field(default=512, metadata={"help": "max response tokens (longer responses are cut)"})
@@ -121,6 +123,10 @@ class TrainConfig:
             p.append(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.eval_size < 0:
             p.append(f"--eval-size must be >= 0, got {self.eval_size}")
+        if self.init not in ("default", "loftq"):
+            p.append(f"--init must be default or loftq, got {self.init!r}")
+        elif self.init == "loftq" and self.quant == "none":
+            p.append("--init loftq starts from the 4-bit quantization error; with --quant none there is none")
         if self.resume and self.overwrite:
             p.append("--resume and --overwrite contradict each other; pick one")
         return p
@@ -201,7 +207,7 @@ def build_optimizer(cfg: TrainConfig, params):
 
 
 def setup_model(cfg: TrainConfig, device: torch.device):
-    from fourbit.models import load_model, parse_dtype
+    from fourbit.models import checkpoint_weight_reader, load_model, parse_dtype
     from fourbit.nn import add_lora
 
     model, tok = load_model(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
@@ -212,8 +218,10 @@ def setup_model(cfg: TrainConfig, device: torch.device):
         tok.pad_token = tok.eos_token
     targets = "all-linear" if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # LoRA init depends only on the seed
+    init = "default" if cfg.resume else cfg.init  # a resumed run's adapter comes from its checkpoint
+    weights = checkpoint_weight_reader(cfg.model, model) if init == "loftq" else None
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target=targets,
-             gradient_checkpointing=cfg.gradient_checkpointing, verbose=False)
+             gradient_checkpointing=cfg.gradient_checkpointing, verbose=False, init=init, weights=weights)
     model.lora_config.base_model_name_or_path = cfg.model
     return model, tok
 

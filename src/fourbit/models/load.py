@@ -27,8 +27,8 @@ from torch import nn
 from fourbit.embedded import DEFAULT_MODEL
 from fourbit.errors import UserError
 from fourbit.models.gguf import load_gguf
-from fourbit.models.source import (checkpoint_keys, iter_checkpoint, load_config, load_tokenizer_from,
-                                   resolve_source)
+from fourbit.models.source import (checkpoint_keys, checkpoint_shards, iter_checkpoint, load_config,
+                                   load_tokenizer_from, resolve_source)
 from fourbit.nn import dequantize_linears, find_linear_names, linear4bit_shells
 from fourbit.nn.linear4bit import default_compute_dtype
 from fourbit.quant import DTYPES, QUANT_TYPES, QuantState, quantize_4bit
@@ -299,3 +299,30 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def checkpoint_weight_reader(name_or_path: str | os.PathLike, model: nn.Module):
+    """A function: module name -> that module's 16-bit weight, read from the model's safetensors.
+
+    For LoftQ on a model loaded 4-bit (fourbit.nn.add_lora(init="loftq")): one tensor is read per
+    call (see Note: One mapping per tensor), so the 16-bit model never exists in memory."""
+    from safetensors import safe_open
+
+    src = resolve_source(name_or_path)
+    if src.is_file():
+        raise UserError(f"{src} is a GGUF file; LoftQ needs the 16-bit weights as safetensors (a model directory)")
+    rename, prefix = key_renamer(model), getattr(model, "base_model_prefix", "")
+    where = {}  # model-side name -> (shard, checkpoint key)
+    for shard in checkpoint_shards(src):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                name = rename(key)
+                where[name.removeprefix(prefix + ".") if prefix else name] = (shard, key)
+
+    def read(module_name: str) -> torch.Tensor:
+        key = f"{module_name}.weight"
+        hit = where.get(key.removeprefix(prefix + ".") if prefix else key)
+        if hit is None:
+            raise UserError(f"{src} has no tensor {key} (LoftQ reads each layer's 16-bit weight from it)")
+        with safe_open(str(hit[0]), framework="pt") as f:
+            return f.get_tensor(hit[1])
+
+    return read

@@ -21,10 +21,12 @@ from torch import nn
 
 from fourbit.errors import UserError
 from fourbit.nn.linear4bit import Linear4bit
+from fourbit.nn.loftq import WeightSource, init_loftq, read_weight
 from fourbit.nn.lora import LoraLinear
 
 log = logging.getLogger(__name__)
 LINEAR_TYPES = (nn.Linear, Linear4bit)
+INITS = ("default", "loftq")  # LoRA starting points: B = 0, or LoftQ (fourbit.nn.loftq)
 
 
 @dataclass
@@ -147,8 +149,21 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
              target: str | list[str] = "all-linear", use_rslora: bool = False, gradient_checkpointing: bool = False,
-             adapter_dtype: torch.dtype = torch.float32, verbose: bool = True) -> nn.Module:
-    """Wrap the target linear layers with LoRA (in place), freeze the rest; returns the model."""
+             adapter_dtype: torch.dtype = torch.float32, verbose: bool = True, init: str = "default",
+             weights: WeightSource | None = None) -> nn.Module:
+    """Wrap the target linear layers with LoRA (in place), freeze the rest; returns the model.
+
+    init="default" starts at B = 0 (the model unchanged); init="loftq" starts from the SVD of each
+    4-bit layer's quantization residual, reading the 16-bit W of each layer from `weights` (a
+    mapping or function from module name to W; `fourbit.models.checkpoint_weight_reader(model_name,
+    model)` reads them from the model's safetensors one at a time). The base stays as it is, so the
+    adapter is an ordinary PEFT adapter: see fourbit.nn.loftq, Note: Which LoftQ a user gets.
+    """
+    if init not in INITS:
+        raise UserError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "loftq" and weights is None:
+        raise UserError("init='loftq' needs the 16-bit weights the 4-bit layers were quantized from: pass "
+                        "weights=fourbit.models.checkpoint_weight_reader(<model name or directory>, model)")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise UserError(f"LoRA rank r must be a positive integer, got {r!r}")
     if not 0 <= dropout < 1:
@@ -156,10 +171,17 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise UserError("this model already has LoRA adapters; load or merge them instead of adding a second set")
     names = find_linear_names(model, target)
+    quantized = [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
+    if init == "loftq" and not quantized:
+        raise UserError("init='loftq' starts LoRA from the 4-bit quantization error, but no target layer is "
+                        "quantized (load the model with quant='nf4' or 'fp4', or use init='default')")
     prepare_for_training(model, gradient_checkpointing)
+    errors = []
     for name in names:
         lora = LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                           adapter_dtype=adapter_dtype)
+        if init == "loftq" and name in quantized:
+            errors.append(_init_loftq(lora, weights, name))
         set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
@@ -169,7 +191,24 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
                                    base_model_name_or_path=base)
     if verbose:
         print(trainable_summary(model))
+    if errors:
+        log.info("LoftQ init of %d layers: relative error ||W - base - sBA|| / ||W||, mean %.4f (%d unquantized "
+                 "layers kept the default init)", len(errors), sum(errors) / len(errors), len(names) - len(quantized))
     return model
+
+
+def _init_loftq(lora: LoraLinear, weights: WeightSource, name: str) -> float:
+    try:
+        w = read_weight(weights, name)
+    except KeyError:
+        raise UserError(f"init='loftq': the 16-bit weights have no tensor for layer {name}") from None
+    if not w.is_floating_point():
+        raise UserError(f"init='loftq': the weight given for {name} is {w.dtype}, not a 16/32-bit float "
+                        f"(an already quantized checkpoint?); LoftQ needs the original weights")
+    try:
+        return init_loftq(lora, w)
+    except ValueError as e:
+        raise UserError(f"init='loftq', layer {name}: {e}") from None
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
