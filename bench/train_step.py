@@ -30,7 +30,11 @@ def batch(tok, b, t):
     import torch
 
     if DATA.is_file():
-        text = "\n".join(json.loads(line)["text"] for line in DATA.read_text().splitlines()[:200])
+        from itertools import islice
+
+        from fourbit.data import iter_jsonl
+
+        text = "\n".join(row["text"] for _, row in islice(iter_jsonl(DATA), 200))
         ids = tok(text, return_tensors="pt")["input_ids"][0][: b * t].view(b, t)
     else:
         ids = torch.randint(0, tok.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))

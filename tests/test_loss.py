@@ -1,79 +1,62 @@
-"""causal_lm_loss (labelled positions only, lm_head + cross-entropy in chunks) against its plain
-reference: transformers' full logits and F.cross_entropy (chunk=None), values and gradients at
-fp32, relative tolerance 1e-5 (gradients: in norm). The frozen-head path forms the loss
-gradient in forward and runs lm_head once per chunk, not twice.
+"""fourbit.loss: the chunked causal-LM loss equals its plain reference, in value and in gradient.
+
+Reference: the full logits of `model(input_ids)`, log-softmax in float64, the NLL of every
+labelled next token summed and divided by `num_tokens`, written out here independently of
+fourbit.loss. The chunked path runs lm_head + cross-entropy on a few labelled positions at a time
+under activation checkpointing; in float32 it differs from the reference only by summation order:
+rtol 1e-5 on the loss, rtol 1e-4 / atol 1e-7 on every gradient (measured ~1e-7 and ~1e-6).
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_model
-from fourbit.loss import causal_lm_loss
-from fourbit.nn import add_lora, lora_modules
+from fourbit.loss import IGNORE_INDEX, causal_lm_loss
 
 
-def _model():
-    model = tiny_model("llama")
-    add_lora(model, r=4, dropout=0.0, verbose=False)
-    model.train()
-    torch.manual_seed(1)
-    for m in lora_modules(model).values():
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    return model
+def reference_loss(model, ids, labels, num_tokens):
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)  # (B, T-1, V)
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    nll = -logp[keep].gather(1, target[keep][:, None])  # (n, 1)
+    return nll.sum() / num_tokens, int(keep.sum())
 
 
-def _grads(model):
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("chunk", [512, 7])  # one chunk; several chunks with a partial last one
-def test_frozen_head_loss_and_gradients_match_full_logits(chunk, monkeypatch):
-    model = _model()
-    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+@pytest.mark.parametrize("num_tokens", [None, 40])
+def test_chunked_loss_equals_the_plain_reference(chunk, num_tokens):
+    model = tiny_model("llama").train()  # dropout-free: a deterministic forward
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 256, (3, 17), generator=g)
     labels = ids.clone()
-    labels[:, :8] = -100
-    labels[1, 15:] = -100
-    calls, linear = [0], F.linear
+    labels[0, :9] = IGNORE_INDEX  # a prompt, as with responses-only training
+    labels[1, 4:11] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX  # a row with nothing to learn
 
-    def counted(x, w, *a, **k):
-        calls[0] += w is model.lm_head.weight
-        return linear(x, w, *a, **k)
+    ref, n_ref = reference_loss(model, ids, labels, num_tokens or int((labels[:, 1:] != IGNORE_INDEX).sum()))
+    ref_grads = grads(model, ref)
+    loss, n = causal_lm_loss(model, ids, labels, num_tokens=num_tokens, chunk=chunk)
+    got_grads = grads(model, loss)
 
-    monkeypatch.setattr(F, "linear", counted)
-    loss, n = causal_lm_loss(model, ids, labels, chunk=chunk)
-    loss.backward()
-    monkeypatch.undo()
-    fused_grads = _grads(model)
-    assert n == int((labels[:, 1:] != -100).sum()) == 31
-    assert calls[0] == -(-n // chunk)  # lm_head once per chunk: no recomputation in backward
-    model.zero_grad(set_to_none=True)
-    ref, n_ref = causal_lm_loss(model, ids, labels, chunk=None)
-    ref.backward()
-    assert n_ref == n
-    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
-    ref_grads = _grads(model)
-    assert float((fused_grads - ref_grads).norm() / ref_grads.norm()) < 1e-5
+    assert n == n_ref == 8 + 9
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert got_grads.keys() == ref_grads.keys() and len(got_grads) == len(list(model.parameters()))
+    for name, g_ref in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g_ref.float(), rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_num_tokens_scales_the_gradient():
-    model = _model()
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
-    causal_lm_loss(model, ids, ids, num_tokens=1)[0].backward()
-    g1 = _grads(model)
-    model.zero_grad(set_to_none=True)
-    causal_lm_loss(model, ids, ids, num_tokens=22)[0].backward()
-    assert float((_grads(model) * 22 - g1).norm() / g1.norm()) < 1e-6
-
-
-def test_trainable_head_keeps_the_checkpointed_path():
-    model = _model()
-    model.lm_head.weight.requires_grad_(True)
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
-    loss, _ = causal_lm_loss(model, ids, ids)
-    loss.backward()
-    head_grad = model.lm_head.weight.grad.clone()
-    model.zero_grad(set_to_none=True)
-    causal_lm_loss(model, ids, ids, chunk=None)[0].backward()
-    ref = model.lm_head.weight.grad
-    assert float((head_grad - ref).norm() / ref.norm()) < 1e-5
+def test_unchunked_path_is_the_same_loss():
+    """chunk=None goes through model(...).logits: the path the chunked one replaces."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    a, _ = causal_lm_loss(model, ids, labels, chunk=None)
+    b, _ = causal_lm_loss(model, ids, labels, chunk=3)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import fourbit.nn.linear4bit as l4
 from conftest import tiny_model
 from fourbit.nn import Linear4bit, add_lora, find_linear_names, lora_modules
-from fourbit.nn.inject import _set_module
+from fourbit.nn.inject import set_module
 
 
 class _Counting(dict):
@@ -51,7 +51,7 @@ def _lora_step(ckpt: bool, reentrant: bool = False, reuse: bool = True, monkeypa
     torch.manual_seed(0)
     model = tiny_model("llama")  # 2 layers, 7 linear layers each
     for name in find_linear_names(model):  # every linear but lm_head to 4-bit
-        _set_module(model, name, Linear4bit.from_linear(model.get_submodule(name)))
+        set_module(model, name, Linear4bit.from_linear(model.get_submodule(name)))
     add_lora(model, r=4, dropout=0.0, gradient_checkpointing=ckpt, verbose=False)
     if ckpt and reentrant:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -1,6 +1,6 @@
 """`Linear4bit`: a frozen linear layer stored as packed 4-bit codes (bitsandbytes' format).
 
-One autograd.Function does the work (QLoRA §3, SPEC §5): forward dequantizes W to the input's
+One autograd.Function does the work (QLoRA §3; torchao's LinearNF4): forward dequantizes W to the input's
 dtype and computes x @ W^T + b; backward dequantizes W again and returns grad_y @ W. Only the
 packed codes and the QuantState are kept for backward, never a 16-bit copy of W, and W gets no
 gradient. Dequantization goes through `fourbit.quant.dequantize_4bit` (C kernel on CPU, Triton
@@ -16,6 +16,8 @@ checkpoint that transformers + bitsandbytes loads.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,24 @@ def skinny(x: torch.Tensor, in_features: int) -> bool:
 
 def dequantize_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) in `dtype`, in the shared scratch buffer: valid until the next call."""
+    if _HOOK:
+        return _HOOK[-1](packed, state, dtype)
     return dequantize_4bit(packed, state, dtype, out=_scratch(state.shape, dtype, packed.device))
+
+
+_HOOK: list = []  # see dequantize_hook
+
+
+@contextlib.contextmanager
+def dequantize_hook(fn):
+    """Inside the block, every Linear4bit and LoraLinear dequantizes with `fn(packed, state, dtype)`
+    instead: how fourbit.memory's meta-device trace stands in a view of its own counted buffer for
+    the weight (meta tensors hold no codes), without patching this module from outside."""
+    _HOOK.append(fn)
+    try:
+        yield
+    finally:
+        _HOOK.remove(fn)
 
 
 # Note: Weights kept across checkpoint recomputation

@@ -20,7 +20,6 @@ import math
 import torch
 from torch import nn
 
-from fourbit.nn.linear4bit import dequantize_weight  # noqa: F401  (fourbit.memory patches it here)
 from fourbit.nn.linear4bit import Linear4bit, backward_weight, forward_weight, skinny
 from fourbit.quant import batch_invariant_linear, matmul_4bit
 
