@@ -5,8 +5,12 @@ as a gather plus a multiply plus a cast, three passes over memory with per-op ov
 pass in C is 2-3x faster (bench/quant.py). The shared library is cached under
 `$FOURBIT_CACHE/kernels/` keyed by a hash of the source and flags, built into a temporary file
 and renamed into place. No compiler, a failed build, or `FOURBIT_NO_CKERNEL=1` means
-`available()` is False and callers use the pure-torch reference. Work is split by blocks over
-`torch.get_num_threads()` Python threads; ctypes releases the GIL during each call.
+`available()` is False and callers use the pure-torch reference. (De)quantization is split by
+blocks over `torch.get_num_threads()` Python threads (ctypes releases the GIL during each call);
+the skinny matmuls split output rows over OpenMP threads inside C when the compiler has
+OpenMP (a fork/join costs ~1 us, a Python thread pool ~25 us per call, measured), else over
+Python threads. Debug switches: FOURBIT_NO_OPENMP=1 builds without OpenMP, FOURBIT_NO_AVX2=1
+takes the scalar matmul path.
 """
 
 from __future__ import annotations
