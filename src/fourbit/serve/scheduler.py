@@ -193,6 +193,6 @@ class Scheduler:
         self.widest_step = max(self.widest_step, len({ev.request_id for ev in events}))
         for rid, evs in by_stream.items():
             stream = self._streams[rid]
-            stream._deliver(evs)
             if any(ev.finished for ev in evs):
-                self._finish(stream, None)
+                self._finish(stream, None)  # before delivering: a client that saw its end sees it counted
+            stream._deliver(evs)
