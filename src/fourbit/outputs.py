@@ -9,6 +9,9 @@ refuses an output that is one of the inputs, lies inside one, or holds one (syml
 `fourbit quantize M --output M --overwrite` once replaced a model's weights with their 4-bit
 codes, and `fourbit train --data runs/x/train.jsonl --output runs/x --overwrite` would delete the
 data it is about to read. It also refuses a file where a directory is expected and the reverse.
+A file output (generate's answers, judge's judgments, a plot) may be a new file inside an input
+directory (`--adapter runs/x --output runs/x/answers.jsonl`): that adds a file and changes none,
+and those commands append only to files of their own kind, never to an input file.
 
 A directory fourbit writes (a train run, a quantized or merged model) holds a marker,
 MARKER = fourbit-output.json, saying which command wrote it. `--overwrite` replaces only a
@@ -61,13 +64,28 @@ def check_output(output: str | os.PathLike, inputs: dict[str, object], kind: str
         if same:
             raise UserError(f"{flag} {output} is {name} {path} itself; writing there would destroy the input. "
                             f"Write somewhere else")
-        if i.is_dir() and o.is_relative_to(i):
+        if kind == "directory" and i.is_dir() and o.is_relative_to(i):
             raise UserError(f"{flag} {output} lies inside {name} {path}; writing there could overwrite the "
                             f"input's files. Write somewhere else")
         if kind == "directory" and i.is_relative_to(o):
             raise UserError(f"{name} {path} lies inside {flag} {output}; the command could overwrite or delete "
                             f"its own input. Write somewhere else, or move the input out first")
     return out
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_replaceable_file(path: str | os.PathLike, magic: bytes, what: str, flag: str) -> None:
+    """Refuse to replace an existing file that is not `what` (its first bytes are not `magic`): a
+    --plot pointed at the judgments file must not turn them into a picture."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as f:
+            head = f.read(len(magic))
+        if head != magic:
+            raise UserError(f"{flag} {path} exists and is not {what}; it would be replaced. Choose another path, "
+                            f"or delete it yourself")
 
 
 # -- fourbit's own directories ------------------------------------------------------------------

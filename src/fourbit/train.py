@@ -317,13 +317,21 @@ class Data:
     fingerprint: str = ""  # sha256 of the tokenized training examples: a resumed run must train on the same
 
 
-def setup_data(cfg: TrainConfig, tokenizer, context_len: int | None = None) -> Data:
-    """Every row read, parsed and tokenized (to at most `context_len`, the model's context): a bad row
-    or a dataset mostly left out stops the run before the model loads."""
+def read_data(cfg: TrainConfig):
+    """(examples, report): every row read and parsed, before any tokenizer or model is loaded."""
     from fourbit import data as D
 
-    examples, report = D.load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row,
-                                       max_bad_fraction=cfg.max_bad_fraction)
+    return D.load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row,
+                           max_bad_fraction=cfg.max_bad_fraction)
+
+
+def setup_data(cfg: TrainConfig, tokenizer, context_len: int | None = None, read=None) -> Data:
+    """The rows (`read`, from read_data, or read now) split and tokenized, to at most `context_len`
+    tokens (the model's context): a bad row or a dataset mostly left out stops the run before the
+    model loads."""
+    from fourbit import data as D
+
+    examples, report = read if read is not None else read_data(cfg)
     train_raw, eval_raw = D.split_eval(examples, cfg.eval_size, seed=cfg.seed)
     if cfg.max_examples:
         train_raw = train_raw[: cfg.max_examples]
@@ -666,8 +674,9 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     existed = out.exists()
     resumed = _resume_point(out, cfg) if mode == "resume" else None  # settings compared before any data is read
     seed_everything(cfg.seed)
+    rows = read_data(cfg)  # a bad row costs neither a tokenizer nor a model load
     tok, config = setup_tokenizer(cfg)
-    data = setup_data(cfg, tok, getattr(config, "max_position_embeddings", None))  # a bad row costs no model load
+    data = setup_data(cfg, tok, getattr(config, "max_position_embeddings", None), read=rows)
     if resumed is not None and resumed[1].get("data") not in (None, data.fingerprint):
         raise UserError(f"--resume: the training data differs from the data {resumed[0]} was trained on (same "
                         f"settings, different tokens: was {cfg.data} or the tokenizer changed?). Resume with the "

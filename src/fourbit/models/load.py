@@ -82,12 +82,13 @@ class ModelArgs:
 
 def load_model_and_adapter(args: ModelArgs, need_tokenizer: str | None = "this command"):
     """(model, tokenizer) as `args` says, with the adapter loaded when one is named. The adapter's
-    files are checked before the model loads, so a wrong path fails in a second, not after minutes.
+    files are checked (and its values for NaN/Inf) before the model loads, so a wrong path or a
+    corrupt file fails in a second, not after minutes.
     `need_tokenizer`: who needs it, for the error when the model has none (None: a tokenizer is optional)."""
-    from fourbit.nn import load_adapter, read_adapter_config
+    from fourbit.nn import check_adapter, load_adapter
 
     if args.adapter:
-        read_adapter_config(args.adapter)
+        check_adapter(args.adapter)  # config, file, finite values: before minutes of model loading
     model, tok = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                             compute_dtype=args.dtype, device=args.device)
     if tok is None and need_tokenizer:
