@@ -111,7 +111,8 @@ BAD = [
     (["train", "--output", "{d}", "--overwrite"], "holds files that are not a fourbit train run"),
     (["train", "--model", "{d}", "--data", "{d}/j.jsonl", "--output", "{d}/run"], "lies inside --model"),
     (["train", "--data", "{d}/text.parquet", "--output", "{d}-run"], "not a parquet file"),
-    (["train", "--data", "{d}/alp.jsonl", "--output", "{d}-run"], "alp.jsonl:2: expected an object with fields, got list"),
+    (["train", "--data", "{d}/alp.jsonl", "--output", "{d}-run"],
+     "alp.jsonl:2: expected an object with fields, got list"),
     (["quantize", "{d}", "--output", "{d}", "--overwrite"], "is MODEL {d} itself"),
     (["quantize", "{d}", "--output", "{d}/q"], "lies inside MODEL"),
     (["quantize", "{d}/notjson", "--output", "{d}-q"], "config.json:1: the model's config.json is not valid JSON"),
@@ -143,6 +144,23 @@ def test_every_mistake_is_one_line_and_exit_2(argv, message, files, capsys):
     assert rc == 2, err
     assert err.endswith("\n") and err.count("\n") == 1, err  # one line
     assert err.startswith(f"fourbit {argv[0]}: error: ") and message.format(d=files) in err and "Traceback" not in err
+
+
+# an abbreviation of a real flag of each command (argparse would accept them; issue 12 item 8)
+ABBREVIATED = [["train", "--max-st", "2"], ["quantize", "{d}", "--out", "{d}-q"], ["merge", "--adap", "{d}"],
+               ["chat", "--sys", "x"], ["generate", "--prom", "{d}/p.jsonl"], ["serve", "--max-b", "2"],
+               ["eval", "ppl", "--max-len", "8"], ["eval", "mmlu", "--data-d", "{d}/mmlu"],
+               ["judge", "{d}/j.jsonl", "{d}/j.jsonl", "--one"], ["elo", "{d}/j.jsonl", "--order", "2"],
+               ["memory", "--gp", "1GB"]]
+
+
+def test_every_command_refuses_abbreviations(files, capsys):
+    assert {a[0] for a in ABBREVIATED} == set(COMMANDS)
+    for argv in ABBREVIATED:
+        rc = main([a.format(d=files) for a in argv])
+        err = capsys.readouterr().err
+        flag = next(a for a in argv if a.startswith("--"))
+        assert rc == 2 and "unknown flag(s)" in err and flag in err, (argv, err)
 
 
 def test_memory_plans_the_run_train_does_by_default():

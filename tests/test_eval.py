@@ -354,7 +354,7 @@ def test_a_failing_endpoint_loses_no_judgment(tmp_path, scripted, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err and "sk-secret" not in err and "[redacted]" in err
     assert "answered HTTP 200 with an error" in err and "gave up after 3 attempt(s)" in err
     assert "run the same command again to continue" in err
-    assert not out.exists() or out.read_text() == ""  # nothing recorded for the failed pair
+    assert not out.exists()  # nothing recorded for the failed pair, and no empty file left
     assert main(argv) == 0  # the endpoint recovered: every pair is judged
     assert sorted(json.loads(line)["score"] for line in out.read_text().splitlines()) == [1, 1, 1, 1]
 

@@ -286,7 +286,8 @@ def test_quantize_checks_every_shape_against_config_json(tmp_path):
                                         r"the architecture in config\.json needs \[128, 64\]"):
         quantize_checkpoint(d, tmp_path / "q")
     d2 = _edit_checkpoint(tmp_path / "x", lambda sd: sd.pop("model.layers.1.post_attention_layernorm.weight"))
-    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) .*post_attention_layernorm.weight'\]; nothing was written"):
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) .*post_attention_layernorm.weight'\]; nothing was "
+                                        r"written"):
         quantize_checkpoint(d2, tmp_path / "q")
     assert not (tmp_path / "q").exists()
 

@@ -150,7 +150,8 @@ def test_divergence_rule_on_the_measured_demo_run():
 def test_save_total_limit_0_keeps_no_checkpoint_after_the_run(tiny_chat_dir, data_file, tmp_path):
     """Main kept every checkpoint with --save-total-limit 0 (its help said "checkpoints to keep")."""
     train(_cfg(tiny_chat_dir, data_file, tmp_path / "r0", max_steps=4, save_steps=1, save_total_limit=0))
-    assert not list((tmp_path / "r0").glob("checkpoint-*")) and (tmp_path / "r0" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "r0").glob("checkpoint-*"))
+    assert (tmp_path / "r0" / "adapter_model.safetensors").is_file()
     train(_cfg(tiny_chat_dir, data_file, tmp_path / "all", max_steps=3, save_steps=1, save_total_limit=-1))
     assert len(list((tmp_path / "all").glob("checkpoint-*"))) == 3
 
@@ -308,7 +309,8 @@ def test_data_is_checked_before_the_model_loads_and_failures_leave_nothing(tiny_
         raise AssertionError("the model was loaded before the data was checked")
 
     monkeypatch.setattr("fourbit.models.load_model", refuse)
-    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)] + [{"instruction": "q", "output": ["x"]}] * 3
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)]
+    rows += [{"instruction": "q", "output": ["x"]}] * 3
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"3 of 33 rows .* more than max_bad_fraction 5%"):
         train(_cfg(tiny_chat_dir, str(tmp_path / "d.jsonl"), tmp_path / "out"))

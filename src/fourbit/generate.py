@@ -125,13 +125,19 @@ def write_answers(model, tokenizer, prompts: list[tuple[str, str]], path: str | 
     answered_ids(out)  # an existing file must be an answers file: we append only to our own kind
     prepare_answers(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            answers = generate_batch(model, tokenizer, [t for _, t in chunk], sampling.max_new_tokens, batch_size,
-                                     temperature=sampling.temperature, top_p=sampling.top_p)
-            for (qid, text), ans in zip(chunk, answers):
-                f.write(json.dumps({"question_id": qid, "model_id": model_id, "prompt": text, "text": ans.strip()},
-                                   ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(chunk))
+    existed = out.exists()
+    try:
+        with open(out, "a", encoding="utf-8") as f, \
+                tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i:i + batch_size]
+                answers = generate_batch(model, tokenizer, [t for _, t in chunk], sampling.max_new_tokens,
+                                         batch_size, temperature=sampling.temperature, top_p=sampling.top_p)
+                for (qid, text), ans in zip(chunk, answers):
+                    f.write(json.dumps({"question_id": qid, "model_id": model_id, "prompt": text,
+                                        "text": ans.strip()}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+    finally:
+        if not existed and out.exists() and out.stat().st_size == 0:  # nothing answered: leave nothing behind
+            out.unlink()

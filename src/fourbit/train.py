@@ -684,7 +684,8 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     model, tok = setup_model(cfg, device, tok)  # same LoRA init on every rank (seeded)
     if cfg.fsdp:
         if dd.world() < 2:
-            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N (N >= 2)")
+            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N "
+                            "(N >= 2)")
         dd.shard_model(model)
     torch.manual_seed(cfg.seed + dd.rank())  # dropout differs per rank, like separate data
     work = open_output(out, mode)  # the first write of the run

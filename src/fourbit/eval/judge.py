@@ -266,23 +266,29 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
     from tqdm.auto import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for q, (n1, a1), (n2, a2) in tqdm(pairs, desc="judging", unit="pair", disable=isinstance(judge, HumanJudge)):
-            if (q, n1, n2, judge.name) in done:
-                stats.skipped_existing += 1
-                continue
-            stats.retried += (q, n1, n2, judge.name) in failed
-            question = ans_a[q]["question"] or ""
-            system, user = judge_prompt(question, a1[q]["answer"], a2[q]["answer"], ans_a[q].get("category"))
-            raw = judge(system, user)
-            score = parse_verdict(raw)
-            f.write(json.dumps({"question_id": q, "first": n1, "second": n2, "score": score, "judge": judge.name,
-                                "raw": raw}, ensure_ascii=False) + "\n")
-            f.flush()
-            stats.judged += 1
-            if score == -1:
-                stats.unreadable += 1
-            else:
-                stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
-                stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
+    existed = out.exists()
+    try:
+        with open(out, "a", encoding="utf-8") as f:
+            for q, (n1, a1), (n2, a2) in tqdm(pairs, desc="judging", unit="pair",
+                                              disable=isinstance(judge, HumanJudge)):
+                if (q, n1, n2, judge.name) in done:
+                    stats.skipped_existing += 1
+                    continue
+                stats.retried += (q, n1, n2, judge.name) in failed
+                question = ans_a[q]["question"] or ""
+                system, user = judge_prompt(question, a1[q]["answer"], a2[q]["answer"], ans_a[q].get("category"))
+                raw = judge(system, user)
+                score = parse_verdict(raw)
+                f.write(json.dumps({"question_id": q, "first": n1, "second": n2, "score": score,
+                                    "judge": judge.name, "raw": raw}, ensure_ascii=False) + "\n")
+                f.flush()
+                stats.judged += 1
+                if score == -1:
+                    stats.unreadable += 1
+                else:
+                    stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
+                    stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
+    finally:
+        if not existed and out.exists() and out.stat().st_size == 0:  # nothing judged: leave nothing behind
+            out.unlink()
     return stats

@@ -171,7 +171,7 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: 
     bad = first_non_finite(m)
     if bad is not None:
         raise UserError(f"the merged weight {bad} holds NaN/Inf in {a.dtype}"
-                        + (f" (a value beyond fp16's range of +-65504: use --dtype bf16 or fp32)"
+                        + (" (a value beyond fp16's range of +-65504: use --dtype bf16 or fp32)"
                            if a.dtype == "fp16" else "") + "; nothing was written")
     report = MergeReport(model=str(model), adapter=str(adapter), output=str(out), dtype=a.dtype,
                          base_quant=normalize_quant(a.base_quant), quantize=quantize)

@@ -14,7 +14,8 @@ from fourbit.nn import quantize_linears as quantize_model  # the name it had whe
 __all__ = [
     "load_model", "load_model_and_adapter", "load_tokenizer", "ModelArgs", "LoadReport", "meta_model",
     "normalize_quant", "parse_dtype", "peak_rss_bytes", "QUANT_CHOICES", "load_gguf", "quantize_checkpoint",
-    "QuantizeArgs", "QuantizeReport", "save_model", "bnb_quantization_config", "bnb_skip_modules", "quantize_model", "resolve_source", "load_config",
+    "QuantizeArgs", "QuantizeReport", "save_model", "bnb_quantization_config", "bnb_skip_modules", "quantize_model",
+    "resolve_source", "load_config",
     "load_tokenizer_from", "checkpoint_shards", "checkpoint_keys", "iter_checkpoint", "TOKENIZER_FILES",
     "checkpoint_weight_reader", "check_finite", "first_non_finite",
 ]

@@ -309,8 +309,8 @@ def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blo
             del w
         else:
             check_finite(key, t, src)
-            _set_tensor(model, name, t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device),
-                        src)
+            value = t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device)
+            _set_tensor(model, name, value, src)
             report.other_tensors += 1
     _finish(model, device, missing_ok=set())
     if quant is None and preq:  # asked for 16-bit: dequantize what was stored 4-bit

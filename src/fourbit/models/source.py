@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fourbit.embedded import EMBEDDED, resolve_model
-from fourbit.errors import UserError
+from fourbit.errors import UserError, redact
 from fourbit.files import check_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -43,7 +43,7 @@ def _download(repo_id: str) -> Path:
                                                                "*.model", "tokenizer*"]))
     except Exception as e:  # offline, unknown repo, gated: all say the same thing to the user
         raise UserError(f"model {repo_id!r} is not a local path and could not be fetched from the hub "
-                        f"({type(e).__name__}: {str(e)[:200]})") from None
+                        f"({type(e).__name__}: {redact(str(e))[:200]})") from None
 
 
 def checkpoint_shards(directory: Path) -> list[Path]:
@@ -165,7 +165,7 @@ def check_finite(name: str, t: torch.Tensor, where: object) -> None:
                         f"(re-download or re-export it)")
 
 
-def first_non_finite(model: nn.Module) -> str | None:
+def first_non_finite(model: torch.nn.Module) -> str | None:
     """The name of the first floating-point parameter or buffer holding NaN/Inf, or None."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t is not None and t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
