@@ -715,7 +715,13 @@ def _resume_point(out: Path, cfg: TrainConfig) -> tuple[Path, dict]:
         raise UserError(f"--resume: {out} has no usable checkpoint-<step> directory to resume from"
                         + (f" (skipped: {'; '.join(f'{p.name}: {w}' for p, w in skipped[:3])})" if skipped else ""))
     state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    check_resume(state.get("config") or {}, cfg, path)
+    saved = state.get("config") or {}
+    check_resume(saved, cfg, path)
+    length = {k: saved[k] for k in ("max_steps", "epochs") if k in saved and saved[k] != getattr(cfg, k)}
+    if length and cfg.schedule != "constant" and dd.is_main():
+        changed = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in length.items())
+        print(f"warning: {changed}: the {cfg.schedule} schedule is recomputed for the new length, so the learning "
+              f"rate of the remaining steps changes")
     return path, state
 
 
