@@ -362,7 +362,7 @@ def test_a_failing_endpoint_loses_no_judgment(tmp_path, scripted, capsys):
 def test_endpoint_timeouts_refusals_and_malformed_answers_are_one_line(tmp_path, scripted):
     a, b = _answers(tmp_path / "a.jsonl", "alpha", [1]), _answers(tmp_path / "b.jsonl", "beta", [1])
     scripted.script = [(200, {}, _completion("1"), 1.0)]
-    with pytest.raises(UserError, match=r"no answer within 0\.2 s \(a timeout.*--timeout sets the limit\); gave up "
+    with pytest.raises(UserError, match=r"did not answer within 0\.2 s \(a timeout.*--timeout sets the limit\); gave up "
                                         r"after 1 attempt"):
         run_judging(a, b, EndpointJudge("j", timeout=0.2, retries=0), str(tmp_path / "j.jsonl"))
     scripted.script, scripted.seen = [(401, {}, b'{"error": "bad key sk-secret-key-0123456789abcdef"}', 0)], 0

@@ -179,7 +179,7 @@ class EndpointJudge:
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, TimeoutError):
-                raise _Transient(f"no answer within {self.timeout:g} s (a timeout: the server is reachable but slow "
+                raise _Transient(f"did not answer within {self.timeout:g} s (a timeout: the server is reachable but slow "
                                  f"or overloaded; --timeout sets the limit)") from None
             if isinstance(reason, (ConnectionError, http.client.HTTPException)):
                 raise _Transient(f"the connection failed ({type(reason).__name__}: {reason})") from None
