@@ -33,6 +33,24 @@ def test_generate_writes_jsonl_and_resumes(tiny_chat_dir, tmp_path):
     assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == ["0", "1", "2"]
 
 
+def test_generate_survives_a_killed_writer_and_appends_only_to_answers(tiny_chat_dir, tmp_path):
+    """Main crashed on a half-written last line ("not valid JSON") and appended to any JSONL file."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "turns": [f"Question {i}?"]}) + "\n" for i in range(3)))
+    out = tmp_path / "a.jsonl"
+    out.write_text(json.dumps({"question_id": "0", "model_id": "m", "prompt": "Question 0?", "text": "x"}) + "\n"
+                   + '{"question_id": "1", "model_id": "m", "pro')  # killed mid-line
+    r = fourbit("generate", "--model", tiny_chat_dir, "--prompts", prompts, "--output", out, "--max-new-tokens", 2)
+    assert r.returncode == 0, r.stderr
+    assert "a partial last line of" in r.stderr and "1 already answered" in r.stdout
+    assert [json.loads(line)["question_id"] for line in out.read_text().splitlines()] == ["0", "1", "2"]
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    r = fourbit("generate", "--model", tiny_chat_dir, "--prompts", prompts, "--output", data)
+    assert r.returncode == 2 and "train.jsonl:1: not an answer" in r.stderr and "Traceback" not in r.stderr
+    assert data.read_text() == '{"instruction": "x", "output": "y"}\n'
+
+
 def test_chat_reads_stdin_and_streams(tiny_chat_dir):
     r = fourbit("chat", "--model", tiny_chat_dir, "--max-new-tokens", 3, stdin="hello\n/reset\nagain\n\n")
     assert r.returncode == 0, r.stderr

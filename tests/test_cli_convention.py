@@ -32,6 +32,22 @@ def files(tmp_path_factory):
     (d / "t.txt").write_text("some text " * 50)
     (d / "j.jsonl").write_text(json.dumps({"first": "a", "second": "b", "score": 1}) + "\n")
     (d / "mmlu" / "test").mkdir(parents=True)
+    (d / "mmlu" / "test" / "toy_test.csv").write_text("Q?,a,b,c,d,A\n")
+    (d / "mmlu-empty" / "test").mkdir(parents=True)
+    (d / "empty.txt").write_text("")
+    (d / "p.jsonl").write_text('{"question_id": 1, "turns": ["Hi?"]}\n')
+    (d / "nonobj.jsonl").write_text('{"question_id": 1, "turns": ["Hi?"]}\n[1, 2]\n')
+    (d / "alp.jsonl").write_text('{"instruction": "Hi?", "output": "Hello"}\n[1, 2]\n')
+    (d / "text.parquet").write_text("instruction,output\nx,y\n")
+    (d / "plot.png").write_text("not a png")
+    adapter = d / "adapter"  # a corrupt adapter: a valid config, a truncated weights file
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                             "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    (d / "notjson").mkdir()
+    (d / "notjson" / "config.json").write_text("{'model_type': 'llama'}")
+    (d / "notgguf.gguf").write_text("hello")
     return d
 
 
@@ -85,6 +101,39 @@ BAD = [
     (["memory", "--optim", "sgd"], "--optim must be one of"),
     (["memory", "--blocksize", "48"], "--blocksize must be a power of two"),
     (["memory", "--checkpoint"], "unknown flag(s) ['--checkpoint']"),
+    # issue 12: bad settings, outputs over inputs or files, bad files (items 2, 6, 8, 13)
+    (["train", "--alpha", "0"], "--alpha must be > 0"),
+    (["train", "--alpha", "-16"], "--alpha must be > 0"),
+    (["train", "--lr", "inf"], "--lr must be a finite number"),
+    (["train", "--max-bad-fraction", "2"], "--max-bad-fraction must be in [0, 1]"),
+    (["train", "--save-total-limit", "-2"], "--save-total-limit must be >= -1"),
+    (["train", "--output", "{d}/t.txt"], "--output {d}/t.txt is a file"),
+    (["train", "--output", "{d}", "--overwrite"], "holds files that are not a fourbit train run"),
+    (["train", "--model", "{d}", "--data", "{d}/j.jsonl", "--output", "{d}/run"], "lies inside --model"),
+    (["train", "--data", "{d}/text.parquet", "--output", "{d}-run"], "not a parquet file"),
+    (["train", "--data", "{d}/alp.jsonl", "--output", "{d}-run"],
+     "alp.jsonl:2: expected an object with fields, got list"),
+    (["quantize", "{d}", "--output", "{d}", "--overwrite"], "is MODEL {d} itself"),
+    (["quantize", "{d}", "--output", "{d}/q"], "lies inside MODEL"),
+    (["quantize", "{d}/notjson", "--output", "{d}-q"], "config.json:1: the model's config.json is not valid JSON"),
+    (["quantize", "{d}/notgguf.gguf", "--output", "{d}-q"], "not a GGUF file"),
+    (["merge", "--model", "{d}", "--adapter", "{d}/adapter", "--output", "{d}"], "is --model {d} itself"),
+    (["merge", "--model", "{d}/x", "--adapter", "{d}/adapter", "--output", "{d}-m"], "adapter_model.safetensors"),
+    (["generate", "--model", "{d}", "--prompts", "{d}/p.jsonl", "--output", "{d}/p.jsonl"], "is --prompts"),
+    (["generate", "--model", "{d}", "--prompts", "{d}/nonobj.jsonl", "--output", "{d}-a.jsonl"],
+     "nonobj.jsonl:2: expected a JSON object, got list"),
+    (["generate", "--model", "{d}", "--prompts", "{d}/p.jsonl", "--output", "{d}/mmlu"], "is a directory"),
+    (["generate", "--model", "{d}", "--adapter", "{d}/adapter", "--prompts", "{d}/p.jsonl", "--output", "{d}-a.jsonl"],
+     "adapter_model.safetensors"),
+    (["eval", "ppl", "--model", "{d}", "--data", "{d}/empty.txt"], "the file is empty"),
+    (["eval", "ppl", "--model", "{d}", "--data", "{d}/t.txt", "--adapter", "{d}/adapter"], "adapter_model.safetensors"),
+    (["eval", "ppl", "--model", "{d}", "--data", "{d}"], "(it is a directory)"),
+    (["eval", "mmlu", "--model", "{d}", "--data-dir", "{d}/mmlu-empty"], "holds no <subject>_test.csv files"),
+    (["judge", "{d}/j.jsonl", "{d}/j.jsonl", "--output", "{d}/j.jsonl"], "is answers A {d}/j.jsonl itself"),
+    (["judge", "{d}/j.jsonl", "{d}/j.jsonl", "--timeout", "0"], "--timeout must be a number of seconds > 0"),
+    (["judge", "{d}/j.jsonl", "{d}/j.jsonl", "--retries", "-1"], "--retries must be >= 0"),
+    (["elo", "{d}/j.jsonl", "--plot", "{d}/j.jsonl"], "--plot {d}/j.jsonl is judgment file 1"),
+    (["elo", "{d}/j.jsonl", "--plot", "{d}/plot.png"], "exists and is not a PNG image"),
 ]
 
 
@@ -94,7 +143,24 @@ def test_every_mistake_is_one_line_and_exit_2(argv, message, files, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.endswith("\n") and err.count("\n") == 1, err  # one line
-    assert err.startswith(f"fourbit {argv[0]}: error: ") and message in err and "Traceback" not in err
+    assert err.startswith(f"fourbit {argv[0]}: error: ") and message.format(d=files) in err and "Traceback" not in err
+
+
+# an abbreviation of a real flag of each command (argparse would accept them; issue 12 item 8)
+ABBREVIATED = [["train", "--max-st", "2"], ["quantize", "{d}", "--out", "{d}-q"], ["merge", "--adap", "{d}"],
+               ["chat", "--sys", "x"], ["generate", "--prom", "{d}/p.jsonl"], ["serve", "--max-b", "2"],
+               ["eval", "ppl", "--max-len", "8"], ["eval", "mmlu", "--data-d", "{d}/mmlu"],
+               ["judge", "{d}/j.jsonl", "{d}/j.jsonl", "--one"], ["elo", "{d}/j.jsonl", "--order", "2"],
+               ["memory", "--gp", "1GB"]]
+
+
+def test_every_command_refuses_abbreviations(files, capsys):
+    assert {a[0] for a in ABBREVIATED} == set(COMMANDS)
+    for argv in ABBREVIATED:
+        rc = main([a.format(d=files) for a in argv])
+        err = capsys.readouterr().err
+        flag = next(a for a in argv if a.startswith("--"))
+        assert rc == 2 and "unknown flag(s)" in err and flag in err, (argv, err)
 
 
 def test_memory_plans_the_run_train_does_by_default():

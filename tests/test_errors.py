@@ -93,7 +93,8 @@ def test_an_endpoint_timeout_is_called_a_timeout_not_unreachable():
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    judge = EndpointJudge("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k" * 8, timeout=0.2)
+    judge = EndpointJudge("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k" * 8, timeout=0.2,
+                          retries=0)  # (retried with backoff otherwise: test_eval covers that)
     try:
         with pytest.raises(UserError, match=r"did not answer within 0.2 s \(a timeout"):
             judge("s", "u")

@@ -64,10 +64,26 @@ def test_perplexity_bad_stride():
         perplexity(tiny_model(), CharTokenizer(), "abc" * 20, max_length=16, stride=32)
 
 
+def test_perplexity_of_nothing_is_an_error_not_1():
+    """Main printed "perplexity 1.000" for a one-token text (0 tokens scored)."""
+    with pytest.raises(UserError, match=r"nothing to score: the text is 1 token\(s\) long"):
+        perplexity(tiny_model(), CharTokenizer(), "a", progress=False)
+
+
+def test_non_finite_perplexity_is_an_error_naming_the_weight():
+    """Main printed "perplexity nan" and exited 0."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[3] = float("nan")
+    with pytest.raises(UserError, match=r"loss is nan on tokens 0-\d+ \(window 1\): its weight "
+                                        r"model\.layers\.1\.post_attention_layernorm\.weight holds NaN/Inf"):
+        perplexity(model, CharTokenizer(), "The quick brown fox. " * 4, max_length=32, progress=False)
+
+
 # -- MMLU ----------------------------------------------------------------------------------------
 def _mmlu_dir(tmp_path, n=6):
     for split in ("dev", "test"):
-        (tmp_path / split).mkdir()
+        (tmp_path / split).mkdir(parents=True)
         rows = [f"Question {i} of {split}?,one,two,three,four,{'ABCD'[i % 4]}" for i in range(n)]
         (tmp_path / split / f"toy_subject_{split}.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
@@ -109,6 +125,25 @@ def test_mmlu_bad_input(tmp_path, smollm2_dir):
     d = _mmlu_dir(tmp_path)
     with pytest.raises(UserError, match=r"unknown MMLU subject\(s\) \['astrology'\]"):
         evaluate_mmlu(tiny_model(vocab_size=len(tok)), tok, d, subjects=["astrology"])
+
+
+def test_mmlu_of_nothing_or_nan_is_an_error(tmp_path, smollm2_dir):
+    """Main printed "0.0% (0)" with exit 0 for a folder without CSVs, and scored NaN logits as "A"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"empty/test holds no <subject>_test\.csv files: nothing to evaluate"):
+        evaluate_mmlu(tiny_model(vocab_size=len(tok)), tok, tmp_path / "empty")
+    d = _mmlu_dir(tmp_path / "blank", n=0)
+    with pytest.raises(UserError, match="hold no questions: nothing to evaluate"):
+        evaluate_mmlu(tiny_model(vocab_size=len(tok)), tok, d, progress=False)
+    model = tiny_model(vocab_size=len(tok))
+    with torch.no_grad():
+        model.lm_head.weight[:] = float("nan")
+    with pytest.raises(UserError, match=r"non-finite logits on an MMLU toy_subject question; its weight "
+                                        r"lm_head\.weight holds NaN/Inf"):
+        evaluate_mmlu(model, tok, _mmlu_dir(tmp_path / "toy"), shots=0, progress=False)
 
 
 @requires_shared_data
@@ -225,11 +260,10 @@ def test_endpoint_judge_against_a_local_stub_both_orders_and_resume(tmp_path, mo
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
-    _Stub.replies, _Stub.seen = ["Review.\n1", "Review.\n2", "garbled", "Review.\n3"], []
+    _Stub.replies, _Stub.seen = ["Review.\n1", "Review.\n2", "garbled", "Review.\n3", "Review.\n2"], []
     a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2]), _answers(tmp_path / "b.jsonl", "beta", [1, 2])
     out = tmp_path / "j.jsonl"
     stats = run_judging(a, b, EndpointJudge("judge-x"), str(out))
-    server.shutdown()
     assert stats.judged == 4 and stats.unreadable == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["first"], r["second"]) for r in rows] == [("alpha", "beta")] * 2 + [("beta", "alpha")] * 2
@@ -237,10 +271,107 @@ def test_endpoint_judge_against_a_local_stub_both_orders_and_resume(tmp_path, mo
     path, auth, body = _Stub.seen[0]
     assert path == "/v1/chat/completions" and auth == "Bearer test-key" and body["model"] == "judge-x"
     assert "[The Start of Assistant 1's Answer]\nanswer 1" in body["messages"][1]["content"]
-    again = run_judging(a, b, EndpointJudge("judge-x"), str(out))  # everything already judged
-    assert again.judged == 0 and again.skipped_existing == 4
+    again = run_judging(a, b, EndpointJudge("judge-x"), str(out))  # the unreadable verdict is judged again
+    server.shutdown()
+    assert (again.judged, again.skipped_existing, again.retried, again.unreadable) == (1, 3, 1, 0)
     m = read_judgments([str(out)])
-    assert len(m.s) == 3 and m.unreadable == 1
+    assert len(m.s) == 4 and m.unreadable == 1
+
+
+class _Script(http.server.BaseHTTPRequestHandler):
+    """Answers each POST with the next (status, headers, body, delay seconds) of `script`; then a verdict."""
+
+    script, seen = [], 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        i = type(self).seen
+        type(self).seen += 1
+        status, headers, body, delay = self.script[i] if i < len(self.script) else (200, {}, _completion("ok\n1"), 0)
+        if delay:
+            import time
+
+            time.sleep(delay)
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def _completion(text):
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """A local endpoint answering as _Script.script says; OPENAI_* pointed at it."""
+    _Script.script, _Script.seen = [], 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Script)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-key-0123456789abcdef")
+    yield _Script
+    server.shutdown()
+
+
+def test_transient_endpoint_failures_are_retried_with_backoff(tmp_path, scripted):
+    """Main recorded an HTTP 200 error body as score -1 and never retried 429/500."""
+    error_200 = json.dumps({"error": {"message": "overloaded", "type": "server_error"}}).encode()
+    scripted.script = [(200, {}, error_200, 0), (429, {"Retry-After": "3"}, b'{"error": "slow down"}', 0),
+                       (503, {}, b"busy", 0), (200, {}, b"<html>proxy error</html>", 0), (200, {}, b'{"x": 1}', 0)]
+    slept = []
+    judge = EndpointJudge("j", sleep=slept.append)
+    a, b = _answers(tmp_path / "a.jsonl", "alpha", [1]), _answers(tmp_path / "b.jsonl", "beta", [1])
+    stats = run_judging(a, b, judge, str(tmp_path / "j.jsonl"), both_orders=False)
+    assert slept == [1, 3, 4, 8, 16]  # 1, 2 raised to Retry-After 3, 4, 8, 16
+    assert stats.judged == 1 and stats.unreadable == 0 and scripted.seen == 6
+    assert [json.loads(line)["score"] for line in (tmp_path / "j.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_failing_endpoint_loses_no_judgment(tmp_path, scripted, capsys):
+    """The probe: 8 of 8 judgments lost to HTTP 200 error bodies, skipped as done on rerun."""
+    from fourbit.cli import main
+
+    leak = json.dumps({"error": {"message": "quota exceeded for key sk-secret-key-0123456789abcdef"}}).encode()
+    scripted.script = [(200, {}, leak, 0)] * 3
+    a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2]), _answers(tmp_path / "b.jsonl", "beta", [1, 2])
+    out = tmp_path / "j.jsonl"
+    argv = ["judge", a, b, "--judge", "endpoint", "--judge-model", "j", "--output", str(out), "--retries", "2"]
+    import fourbit.eval.judge as J
+
+    real_sleep = J.time.sleep
+    J.time.sleep = lambda s: None
+    try:
+        assert main(argv) == 2
+    finally:
+        J.time.sleep = real_sleep
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1].split("\n", 1)[-1]  # after the progress bar
+    assert err.count("\n") == 1 and "Traceback" not in err and "sk-secret" not in err and "[redacted]" in err
+    assert "answered HTTP 200 with an error" in err and "gave up after 3 attempt(s)" in err
+    assert "run the same command again to continue" in err
+    assert not out.exists()  # nothing recorded for the failed pair, and no empty file left
+    assert main(argv) == 0  # the endpoint recovered: every pair is judged
+    assert sorted(json.loads(line)["score"] for line in out.read_text().splitlines()) == [1, 1, 1, 1]
+
+
+def test_endpoint_timeouts_refusals_and_malformed_answers_are_one_line(tmp_path, scripted):
+    a, b = _answers(tmp_path / "a.jsonl", "alpha", [1]), _answers(tmp_path / "b.jsonl", "beta", [1])
+    scripted.script = [(200, {}, _completion("1"), 1.0)]
+    with pytest.raises(UserError, match=r"did not answer within 0\.2 s \(a timeout.*--timeout sets the limit\); gave up "
+                                        r"after 1 attempt"):
+        run_judging(a, b, EndpointJudge("j", timeout=0.2, retries=0), str(tmp_path / "j.jsonl"))
+    scripted.script, scripted.seen = [(401, {}, b'{"error": "bad key sk-secret-key-0123456789abcdef"}', 0)], 0
+    with pytest.raises(UserError, match=r"answered HTTP 401") as e:  # no retry can fix it: at once
+        run_judging(a, b, EndpointJudge("j", retries=5, sleep=lambda s: None), str(tmp_path / "j.jsonl"))
+    assert "sk-secret" not in str(e.value) and scripted.seen == 1
+    scripted.script, scripted.seen = [(200, {}, json.dumps({"choices": []}).encode(), 0)], 0
+    with pytest.raises(UserError, match=r"without choices\[0\]\.message\.content"):
+        run_judging(a, b, EndpointJudge("j", retries=0), str(tmp_path / "j.jsonl"))
 
 
 def test_human_judge_is_resumable_and_loses_nothing_on_quit(tmp_path):

@@ -226,17 +226,38 @@ def test_adapter_for_another_model_is_a_clear_error(setup, tok, tmp_path):
 
 
 def test_output_not_empty_needs_overwrite(setup, tmp_path):
+    """--overwrite replaces only a model fourbit wrote, written beside and swapped in; main merged
+    into any directory, deleting files by name pattern (a user's model.safetensors or config.json)."""
     base, adapter = setup
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty; pass --overwrite"):
         merge_adapter(base, adapter, out, device="cpu")
-    (out / "model-q8_0.gguf").write_text("stale")
-    merge_adapter(base, adapter, out, device="cpu", overwrite=True)
-    assert (out / "notes.txt").read_text() == "mine" and not (out / "model-q8_0.gguf").exists()
-    with pytest.raises(UserError, match="is the input directory"):
-        merge_adapter(base, adapter, base, device="cpu", overwrite=True)
+    with pytest.raises(UserError, match=r"holds files that are not a model fourbit wrote .*\(notes\.txt\)"):
+        merge_adapter(base, adapter, out, device="cpu", overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    merge_adapter(base, adapter, tmp_path / "m", device="cpu", dtype="fp32")
+    first = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "m" / "fourbit-output.json").unlink()  # a merge from before the marker: known by its report
+    merge_adapter(base, adapter, tmp_path / "m", device="cpu", overwrite=True)  # bf16 now
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != first
+    assert json.loads((tmp_path / "m" / "fourbit-output.json").read_text())["written_by"] == "fourbit merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "out"]  # nothing left beside
+    for output, msg in [(base, r"--output .*base is --model .*base itself"), (base / "merged", "lies inside --model"),
+                        (tmp_path.parent, "lies inside --output")]:
+        with pytest.raises(UserError, match=msg):
+            merge_adapter(base, adapter, output, device="cpu", overwrite=True)
+
+
+def test_non_finite_merge_is_an_error_naming_the_tensor(setup, tok, tmp_path):
+    """Main wrote the Inf weights of an fp16 overflow and reported on them with exit 0."""
+    base, _ = setup
+    huge = make_adapter(base, tmp_path / "huge", scale=1e6)
+    with pytest.raises(UserError, match=r"the merged weight model\.layers\.\d\.\S+ holds NaN/Inf in fp16 \(a value "
+                                        r"beyond fp16's range"):
+        merge_adapter(base, huge, tmp_path / "out", device="cpu", dtype="fp16")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_gguf_refuses_other_architectures_before_loading(tok, tmp_path):
@@ -256,8 +277,9 @@ def test_bad_options(setup, tmp_path, capsys):
         assert rc == 2 and msg in capsys.readouterr().err
     assert main(["merge", "--model", str(base)]) == 2
     assert "--adapter DIR is required" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no adapter_config.json"):
-        merge_adapter(base, tmp_path, tmp_path / "o2", device="cpu")
+        merge_adapter(base, tmp_path / "empty", tmp_path / "o2", device="cpu")
     with pytest.raises(UserError, match="no such file"):
         read_eval_file(tmp_path / "missing.txt")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "x"}\n')

@@ -6,6 +6,7 @@ bitsandbytes for 4-bit (identical dequantized weights with rounding="bnb-cpu", l
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -192,3 +193,128 @@ def test_quantize_cli_streams_with_bounded_memory(smollm2_dir, tmp_path):
     budget = r["baseline_rss_bytes"] + r["bytes_out"] + 2 * r["largest_tensor_bytes"] + 64 * 2**20
     assert r["peak_rss_bytes"] < budget, r
     assert r["peak_rss_bytes"] < r["baseline_rss_bytes"] + r["bytes_in"]  # never the whole fp32 model
+
+
+# -- bad model files: one line naming the file (issue 12 items 2, 10, 13, 14) -------------------------
+def _edit_checkpoint(tmp_path, edit, config=None):
+    """A tiny Llama saved, with its tensors passed through `edit(state_dict)` and config.json's keys updated."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "m"
+    tiny_model("llama").save_pretrained(d)
+    sd = load_file(d / "model.safetensors")
+    edit(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **config}))
+    return d
+
+
+@pytest.mark.parametrize("key,shape", [("model.norm.weight", (63,)), ("model.embed_tokens.weight", (255, 64)),
+                                       ("model.layers.0.self_attn.q_proj.weight", (64, 60))])
+def test_wrong_shaped_tensor_is_refused_at_load_naming_it(key, shape, tmp_path):
+    """Main loaded a wrong-shaped norm or embedding, then crashed in forward."""
+    d = _edit_checkpoint(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(shape)))
+    for quant in ("nf4", "none"):
+        with pytest.raises(UserError, match=re.escape(f"m: tensor {key} has shape {list(shape)}, but the architecture "
+                                                      f"in config.json needs [")):
+            load_model(d, quant=quant, device="cpu")
+
+
+def test_non_finite_weight_names_the_tensor_and_offers_no_api_flag(tmp_path):
+    """Main raised a ValueError traceback ('pass check_finite=False', which no CLI flag offers)."""
+    def poison(sd):
+        sd["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+        sd["model.layers.0.input_layernorm.weight"][0] = float("inf")
+
+    d = _edit_checkpoint(tmp_path, poison)
+    with pytest.raises(UserError) as e:
+        load_model(d, device="cpu")
+    msg = str(e.value)
+    assert "tensor model.layers.0.input_layernorm.weight has 1 non-finite value(s)" in msg or \
+        "tensor model.layers.1.mlp.down_proj.weight has 1 non-finite value(s) (NaN/Inf), first at index (3, 5)" in msg
+    assert "check_finite" not in msg
+    with pytest.raises(UserError, match=r"non-finite") as e:
+        quantize_checkpoint(d, tmp_path / "q")
+    assert "check_finite" not in str(e.value) and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), r"model\.safetensors: truncated"),
+    (lambda p: p.write_bytes(b""), r"model\.safetensors: not a safetensors file: an empty file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:8] + p.read_bytes()[8:].replace(b"[64,64]", b"[64,65]", 1)),
+     r"model\.safetensors: bad safetensors header"),
+])
+def test_damaged_safetensors_is_one_line_naming_the_file(damage, message, tmp_path):
+    d = _edit_checkpoint(tmp_path, lambda sd: None)
+    damage(d / "model.safetensors")
+    with pytest.raises(UserError, match=message):
+        load_model(d, device="cpu")
+    with pytest.raises(UserError, match=message):
+        quantize_checkpoint(d, tmp_path / "q")
+
+
+def test_bad_config_json_and_shard_index(tmp_path):
+    d = _edit_checkpoint(tmp_path, lambda sd: None)
+    (d / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(UserError, match=r"config\.json:1: the model's config\.json is not valid JSON"):
+        load_model(d, device="cpu")
+    (d / "config.json").write_text(json.dumps({"model_type": "strange", "auto_map": {"AutoConfig": "x.Y"}}))
+    with pytest.raises(UserError, match="needs its own Python code") as e:
+        load_model(d, device="cpu")
+    assert "trust_remote_code" not in str(e.value)  # main told CLI users to pass trust_remote_code=True
+    tiny_model("llama").save_pretrained(tmp_path / "s", max_shard_size="100KB")
+    (tmp_path / "s" / "model.safetensors.index.json").write_text('{"weight_map": ["x"]}')
+    with pytest.raises(UserError, match=r"expected a \"weight_map\" object"):
+        load_model(tmp_path / "s", device="cpu")
+
+
+def test_damaged_gguf_is_one_line_naming_the_file(tmp_path):
+    """Main said 'cannot reshape array' (a truncated GGUF) or went on into transformers' reader."""
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    with pytest.raises(UserError, match=r"text\.gguf: not a GGUF file: it starts with b'not '"):
+        load_model(tmp_path / "text.gguf", device="cpu")
+    with pytest.raises(UserError, match=r"text\.gguf: not a GGUF file"):
+        quantize_checkpoint(tmp_path / "text.gguf", tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_checks_every_shape_against_config_json(tmp_path):
+    """Main wrote a 4-bit checkpoint from wrongly shaped tensors; the error came only at load."""
+    d = _edit_checkpoint(tmp_path, lambda sd: sd.__setitem__("model.layers.1.mlp.up_proj.weight", torch.zeros(100, 64)))
+    with pytest.raises(UserError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight has shape \[100, 64\], but "
+                                        r"the architecture in config\.json needs \[128, 64\]"):
+        quantize_checkpoint(d, tmp_path / "q")
+    d2 = _edit_checkpoint(tmp_path / "x", lambda sd: sd.pop("model.layers.1.post_attention_layernorm.weight"))
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) .*post_attention_layernorm.weight'\]; nothing was "
+                                        r"written"):
+        quantize_checkpoint(d2, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantize_never_writes_over_its_input_or_what_it_did_not_write(tmp_path):
+    """Main: `fourbit quantize M --output M --overwrite` replaced M's weights with 4-bit codes."""
+    m = tmp_path / "m"
+    tiny_model("llama").save_pretrained(m)
+    before = {p.name: p.read_bytes() for p in m.iterdir()}
+    for out, msg in [(m, r"--output .*m is MODEL .*m itself"), (m / "q", r"lies inside MODEL"),
+                     (tmp_path, r"MODEL .*m lies inside --output")]:
+        with pytest.raises(UserError, match=msg):
+            quantize_checkpoint(m, out, overwrite=True)
+    (tmp_path / "link").symlink_to(m)
+    with pytest.raises(UserError, match="itself"):  # symlinks resolved
+        quantize_checkpoint(m, tmp_path / "link", overwrite=True)
+    assert {p.name: p.read_bytes() for p in m.iterdir()} == before
+    other = tmp_path / "downloaded"  # a model the user put there: not fourbit's, never replaced
+    tiny_model("llama", seed=1).save_pretrained(other)
+    with pytest.raises(UserError, match="is not recognisably a model fourbit wrote"):
+        quantize_checkpoint(m, other, overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"--output .*file is a file"):
+        quantize_checkpoint(m, tmp_path / "file")
+    quantize_checkpoint(m, tmp_path / "q")
+    first = (tmp_path / "q" / "model.safetensors").read_bytes()
+    quantize_checkpoint(m, tmp_path / "q", overwrite=True, quant="fp4")  # its own output: replaced
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() != first
+    assert json.loads((tmp_path / "q" / "fourbit-output.json").read_text())["written_by"] == "fourbit quantize"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloaded", "file", "link", "m", "q"]

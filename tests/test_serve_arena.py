@@ -156,3 +156,14 @@ def test_vicuna_reference_answers_with_the_question_file(tmp_path):
     assert nxt["question"] == next(json.loads(line)["turns"][0] for line in
                                    (vicuna / "question.jsonl").read_text().splitlines()
                                    if str(json.loads(line)["question_id"]) == qid)
+
+
+def test_the_judgments_file_is_never_an_input_or_a_users_file(files, tmp_path):
+    """Main appended judgments to whatever --judgments named: an answer file, or a user's dataset."""
+    with pytest.raises(UserError, match=r"--judgments .*red\.jsonl is --arena .*red\.jsonl itself"):
+        Arena(files[0], files)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "x", "output": "y"}\n')
+    with pytest.raises(UserError, match=r"holds a line that is not a judgment"):
+        Arena(data, files)
+    assert data.read_text() == '{"instruction": "x", "output": "y"}\n'

@@ -74,6 +74,9 @@ def convert_gguf_to_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fourbit.files import check_gguf
+
+    check_gguf(gguf_path)  # a damaged install: one line naming the file, not "cannot reshape array"
     folder, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

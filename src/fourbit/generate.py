@@ -4,7 +4,8 @@ Prompts are rendered with the tokenizer's chat template when it has one (fourbit
 and decoded greedily unless a temperature is given (`Sampling`, the options `fourbit generate`
 and `fourbit chat` share). `write_answers` appends one JSON line per prompt as soon as its batch
 finishes, and `answered_ids` reads which ids a file already holds, so an interrupted
-`fourbit generate` resumes where it stopped.
+`fourbit generate` resumes where it stopped; a line half written when it was killed is cut off
+(`prepare_answers`) and that prompt answered again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fourbit.data import iter_jsonl, render_chat
+from fourbit.data import iter_jsonl, render_chat, truncate_partial_line
 from fourbit.errors import UserError
 
 
@@ -93,9 +94,26 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
 
 
 def answered_ids(path: str | Path) -> set[str]:
-    """The question ids an answer file already holds (none when it does not exist yet)."""
+    """The question ids an answer file already holds (none when it does not exist yet). A partial
+    last line (a run killed mid-write) is skipped; it is cut off before appending (prepare_answers).
+    A file whose rows are not answers is refused: we append only to our own kind of file."""
     p = Path(path)
-    return {str(row["question_id"]) for _, row in iter_jsonl(p)} if p.exists() else set()
+    if not p.exists():
+        return set()
+    ids = set()
+    for i, row in iter_jsonl(p, allow_partial_last=True, objects=True):
+        if "question_id" not in row or "text" not in row:
+            raise UserError(f"{p}:{i}: not an answer (no question_id/text); --output must be a new file or an "
+                            f"answers file fourbit generate wrote, which it continues")
+        ids.add(str(row["question_id"]))
+    return ids
+
+
+def prepare_answers(path: str | Path):
+    """Make an answers file safe to append to: a partial last line is cut off and returned (a
+    fourbit.data.PartialLine, for the caller's warning; None when there was none)."""
+    p = Path(path)
+    return truncate_partial_line(p) if p.is_file() else None
 
 
 def write_answers(model, tokenizer, prompts: list[tuple[str, str]], path: str | Path, model_id: str,
@@ -104,14 +122,22 @@ def write_answers(model, tokenizer, prompts: list[tuple[str, str]], path: str | 
     from tqdm.auto import tqdm
 
     out = Path(path)
+    answered_ids(out)  # an existing file must be an answers file: we append only to our own kind
+    prepare_answers(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            answers = generate_batch(model, tokenizer, [t for _, t in chunk], sampling.max_new_tokens, batch_size,
-                                     temperature=sampling.temperature, top_p=sampling.top_p)
-            for (qid, text), ans in zip(chunk, answers):
-                f.write(json.dumps({"question_id": qid, "model_id": model_id, "prompt": text, "text": ans.strip()},
-                                   ensure_ascii=False) + "\n")
-            f.flush()
-            bar.update(len(chunk))
+    existed = out.exists()
+    try:
+        with open(out, "a", encoding="utf-8") as f, \
+                tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
+            for i in range(0, len(prompts), batch_size):
+                chunk = prompts[i:i + batch_size]
+                answers = generate_batch(model, tokenizer, [t for _, t in chunk], sampling.max_new_tokens,
+                                         batch_size, temperature=sampling.temperature, top_p=sampling.top_p)
+                for (qid, text), ans in zip(chunk, answers):
+                    f.write(json.dumps({"question_id": qid, "model_id": model_id, "prompt": text,
+                                        "text": ans.strip()}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+    finally:
+        if not existed and out.exists() and out.stat().st_size == 0:  # nothing answered: leave nothing behind
+            out.unlink()

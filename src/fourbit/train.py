@@ -32,13 +32,15 @@ from pathlib import Path
 import torch
 
 from fourbit.config import option
-from fourbit.data import FORMATS, iter_jsonl
+from fourbit.data import FORMATS, iter_jsonl, truncate_partial_line
+from fourbit.data.example import MAX_BAD_FRACTION
 from fourbit.data.formats import BAD_ROW_POLICIES
 from fourbit.errors import UserError
 from fourbit.models import QUANT_CHOICES, ModelArgs
 from fourbit.models.load import choice_problems
 from fourbit.optim import OPTIMIZERS
 from fourbit.quant import DTYPES
+from fourbit.rundir import RESUME_MAY_CHANGE
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -79,13 +81,23 @@ class TrainConfig:
     eval_size: float = field(default=0.02, metadata={"help": "held-out examples: a fraction (<1) or a count (>=1)"})
     eval_steps: int = field(default=0, metadata={"help": "eval loss every N steps (0: at the end only)"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: at the end only)"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints to keep"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints to keep, the newest N; 0: none once the run "
+                                                               "has finished (during it the newest is kept, so a "
+                                                               "killed run can resume); -1: all"})
     logging_steps: int = field(default=1, metadata={"help": "write metrics every N steps"})
     seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, LoRA init)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --output"})
-    overwrite: bool = field(default=False, metadata={"help": "delete an existing run in --output and start over"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest good checkpoint in --output, with the run's own settings: flags not given "
+                "take the run's values; changing a setting that changes the result is refused (may change: "
+                + ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE) + ")"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the fourbit train run in --output (only a directory holding nothing but a run's files); "
+                "the new run is written beside it and swapped in when it finishes, so a failed run keeps the old"})
     on_bad_row: str = field(default="skip", metadata={"help": f"{' or '.join(BAD_ROW_POLICIES)} on rows with "
                                                               f"missing/empty fields"})
+    max_bad_fraction: float = field(default=MAX_BAD_FRACTION, metadata={
+        "help": "the share of the rows that may be left out (bad, or emptied by truncation) before the run stops "
+                "(0: none, 1: any)"})
     max_examples: int = field(default=0, metadata={"help": "use at most this many training examples (0: all)"})
     device: str | None = option(ModelArgs, "device")
     compute_dtype: str | None = option(ModelArgs, "dtype")
@@ -108,9 +120,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_steps", "save_steps", "max_examples", "weight_decay", "max_grad_norm",
-                     "save_total_limit", "loss_chunk", "threads"):
+                     "loss_chunk", "threads"):
             if getattr(self, name) < 0:
                 p.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "alpha", "epochs", "weight_decay", "max_grad_norm", "eval_size", "dist_timeout"):
+            if not math.isfinite(getattr(self, name)):
+                p.append(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.save_total_limit < -1:
+            p.append(f"--save-total-limit must be >= -1 (-1: keep all), got {self.save_total_limit}")
+        if not self.alpha > 0:
+            p.append(f"--alpha must be > 0 (LoRA's scaling is alpha / r), got {self.alpha}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            p.append(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.max_steps == 0 or self.max_steps < -1:
             p.append(f"--max-steps must be -1 (use --epochs) or >= 1, got {self.max_steps}")
         if self.epochs <= 0:
@@ -165,25 +186,76 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def prepare_output(cfg: TrainConfig) -> Path:
-    """Refuse to write over another run unless --resume or --overwrite (checked by every rank;
-    rank 0 alone clears and creates the directory)."""
+def check_output_dir(cfg: TrainConfig) -> tuple[Path, str]:
+    """(the run directory, "new" | "resume" | "overwrite"), after refusing what may not be written:
+    an output that overlaps the model or the data, a non-empty directory without --resume or
+    --overwrite, and for --overwrite anything but a fourbit train run (fourbit.rundir). Reads only;
+    every rank checks, nothing is created or deleted here (see open_output)."""
     from fourbit import distributed as dd
+    from fourbit.outputs import StagedDir, check_output, refuse_unless_own
+    from fourbit.rundir import is_run, is_run_file
 
-    out = Path(cfg.output)
-    has_run = out.exists() and any(out.iterdir())
-    if has_run and not (cfg.resume or cfg.overwrite):
+    out = check_output(cfg.output, {"--model": cfg.model, "--data": None if cfg.data == "builtin" else cfg.data})
+    if dd.is_main():
+        note = StagedDir(out).recover()  # a run killed while swapping an --overwrite run in
+        if note:
+            print(f"warning: {note}")
+    dd.barrier()
+    has_run = out.is_dir() and any(out.iterdir())
+    if cfg.resume:
+        if not has_run:
+            raise UserError(f"--resume: {out} holds no run to resume")
+        if not is_run(out):
+            raise UserError(f"--resume: {out} is not a fourbit train run (no checkpoint, config.json or "
+                            f"fourbit-output.json)")
+        return out, "resume"
+    if not has_run:
+        return out, "new"
+    if not cfg.overwrite:
         raise UserError(f"output directory {out} already holds files (another run?); pass --resume to continue it "
                         f"or --overwrite to start over")
-    if cfg.resume and not has_run:
-        raise UserError(f"--resume: {out} holds no run to resume")
-    dd.barrier()  # everyone has looked before rank 0 changes anything
+    refuse_unless_own(out, is_run_file, is_run, "a fourbit train run")
+    return out, "overwrite"
+
+
+def open_output(out: Path, mode: str) -> Path:
+    """The directory this run writes into, created only now that the data and the model have been
+    checked: `out` itself, or for --overwrite a staging directory beside it (fourbit.outputs.StagedDir).
+    Rank 0 creates it, writes the run marker and, on --resume, prunes half-deleted checkpoints."""
+    from fourbit import distributed as dd
+    from fourbit.checkpoint import prune_broken_checkpoints
+    from fourbit.outputs import StagedDir, write_marker
+    from fourbit.rundir import WRITTEN_BY
+
+    work = StagedDir(out).staging if mode == "overwrite" else out
     if dd.is_main():
-        if cfg.overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        if mode == "overwrite":
+            StagedDir(out).begin()
+        work.mkdir(parents=True, exist_ok=True)
+        if mode == "resume":
+            for path, why in prune_broken_checkpoints(work):
+                print(f"warning: {path}: {why}; removed")
+        write_marker(work, WRITTEN_BY)
     dd.barrier()
-    return out
+    return work
+
+
+def discard_output(out: Path, work: Path, mode: str, existed: bool) -> None:
+    """After a failed run (rank 0): delete what this run created and nothing else. An --overwrite
+    run's staging directory goes (the old run stays); a new run that saved no checkpoint goes (there
+    is nothing to resume); a resumed run, or a new one with checkpoints, stays as it is."""
+    from fourbit.checkpoint import list_checkpoints
+
+    if mode == "overwrite":
+        from fourbit.outputs import StagedDir
+
+        StagedDir(out).abort()
+    elif mode == "new" and work.is_dir() and not list_checkpoints(work):
+        if existed:  # it was an empty directory before this run: empty it again
+            for p in work.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            shutil.rmtree(work)
 
 
 def build_schedule(optimizer, cfg: TrainConfig, total_steps: int):
@@ -206,16 +278,24 @@ def build_optimizer(cfg: TrainConfig, params):
     return build(cfg.optim, params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
 
 
-def setup_model(cfg: TrainConfig, device: torch.device):
-    from fourbit.models import checkpoint_weight_reader, load_model, parse_dtype
-    from fourbit.nn import add_lora
+def setup_tokenizer(cfg: TrainConfig):
+    """(tokenizer, the model's config) without reading any weight: the data is checked with them first."""
+    from fourbit.models import load_tokenizer
 
-    model, tok = load_model(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
-                            compute_dtype=parse_dtype(cfg.compute_dtype), device=device)
+    tok, config = load_tokenizer(cfg.model)
     if tok is None:
         raise UserError(f"model {cfg.model} has no tokenizer files; fourbit train needs a tokenizer to read the data")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    return tok, config
+
+
+def setup_model(cfg: TrainConfig, device: torch.device, tok):
+    from fourbit.models import checkpoint_weight_reader, load_model, parse_dtype
+    from fourbit.nn import add_lora
+
+    model, _ = load_model(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
+                          compute_dtype=parse_dtype(cfg.compute_dtype), device=device, load_tokenizer=False)
     targets = "all-linear" if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # LoRA init depends only on the seed
     init = "default" if cfg.resume else cfg.init  # a resumed run's adapter comes from its checkpoint
@@ -234,24 +314,48 @@ class Data:
     eval_raw: list  # held-out examples before tokenization (for generation-based scores)
     report: object  # fourbit.data's report: used / skipped / truncated
     pad_id: int
+    fingerprint: str = ""  # sha256 of the tokenized training examples: a resumed run must train on the same
 
 
-def setup_data(cfg: TrainConfig, tokenizer) -> Data:
+def read_data(cfg: TrainConfig):
+    """(examples, report): every row read and parsed, before any tokenizer or model is loaded."""
     from fourbit import data as D
 
-    examples, report = D.load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row)
+    return D.load_examples(cfg.data, format=cfg.format, on_bad_row=cfg.on_bad_row,
+                           max_bad_fraction=cfg.max_bad_fraction)
+
+
+def setup_data(cfg: TrainConfig, tokenizer, context_len: int | None = None, read=None) -> Data:
+    """The rows (`read`, from read_data, or read now) split and tokenized, to at most `context_len`
+    tokens (the model's context): a bad row or a dataset mostly left out stops the run before the
+    model loads."""
+    from fourbit import data as D
+
+    examples, report = read if read is not None else read_data(cfg)
     train_raw, eval_raw = D.split_eval(examples, cfg.eval_size, seed=cfg.seed)
     if cfg.max_examples:
         train_raw = train_raw[: cfg.max_examples]
     train, stats = D.tokenize_examples(train_raw, tokenizer, cfg.source_max_len, cfg.target_max_len,
-                                       train_on_inputs=cfg.train_on_inputs, report=report)
+                                       train_on_inputs=cfg.train_on_inputs, report=report, context_len=context_len)
     held, _ = D.tokenize_examples(eval_raw, tokenizer, cfg.source_max_len, cfg.target_max_len,
-                                  train_on_inputs=cfg.train_on_inputs)
+                                  train_on_inputs=cfg.train_on_inputs, report=report, context_len=context_len)
     if not train:
         raise UserError(f"no training examples left from {cfg.data}: {report.summary()}")
     if cfg.packing:
-        train = D.pack_examples(train, cfg.source_max_len + cfg.target_max_len)
-    return Data(train=train, eval=held, eval_raw=eval_raw, report=report, pad_id=tokenizer.pad_token_id)
+        length = cfg.source_max_len + cfg.target_max_len
+        train = D.pack_examples(train, min(length, context_len) if context_len else length)
+    return Data(train=train, eval=held, eval_raw=eval_raw, report=report, pad_id=tokenizer.pad_token_id,
+                fingerprint=_fingerprint(train))
+
+
+def _fingerprint(examples: list[dict]) -> str:
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(array("q", e["input_ids"]).tobytes() + b"|" + array("q", e["labels"]).tobytes() + b";")
+    return h.hexdigest()
 
 
 def epoch_batches(data: Data, cfg: TrainConfig, epoch: int) -> list[list[int]]:
@@ -307,20 +411,23 @@ def memory_bytes(device: torch.device) -> int:
 
 def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, optimizer, scheduler,
         start: dict, total_steps: int, log) -> dict:
-    """Run optimizer steps start["step"]..total_steps; returns the final trainer state."""
+    """Run optimizer steps start["step"]..total_steps; returns the final trainer state. Stops with a
+    UserError on a non-finite loss or gradient, or divergence (see Note: When a run has diverged)."""
     from tqdm.auto import tqdm
 
     from fourbit import data as D
     from fourbit import distributed as dd
-    from fourbit.checkpoint import list_checkpoints, save_checkpoint
+    from fourbit.checkpoint import save_checkpoint
     from fourbit.loss import causal_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.get_output_embeddings().out_features
     sharded = dd.is_sharded(model)  # FSDP2 reduce-scatters the gradients itself
     step, epoch, cursor = start["step"], start["epoch"], start["cursor"]
     batches = epoch_batches(data, cfg, epoch)
     base_tokens, tokens_seen = start.get("tokens", 0), 0  # tokens: all ranks, all sessions; tokens_seen: ours
     t0, last_loss = time.perf_counter(), float("nan")
+    watch = DivergenceWatch(vocab=vocab, first=start.get("first_loss"))
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=not dd.is_main())
     model.train()
@@ -346,12 +453,18 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
         if not sharded:
             dd.sum_gradients(params)
         if not math.isfinite(loss_sum):
-            kept = list_checkpoints(out)
-            raise UserError(f"the loss became {loss_sum} at step {step + 1}; stopped without saving this step. "
-                            f"Last good checkpoint: {kept[-1] if kept else 'none'}. Try a lower --lr or check the data.")
+            raise UserError(f"the loss became {loss_sum} at step {step + 1}; {_stopped(out, step + 1, cfg)}")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm):  # the loss was finite, its gradient is not: this update would be NaN
+            raise UserError(f"the gradient norm became {grad_norm} at step {step + 1} (loss {loss_sum:.4f}); "
+                            f"{_stopped(out, step + 1, cfg)}")
+        why = watch.check(step + 1, loss_sum, grad_norm, warm=step + 1 > cfg.warmup_steps)
+        if why:
+            raise UserError(f"the run diverged: {why}, {watch.patience} steps in a row (steps {watch.since}-"
+                            f"{step + 1}); {_stopped(out, watch.since, cfg)}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -360,34 +473,111 @@ def fit(model, data: Data, cfg: TrainConfig, out: Path, device: torch.device, op
         elapsed = time.perf_counter() - t0
         all_tokens = base_tokens + int(dd.sum_scalar(tokens_seen, device))  # every rank's tokens
         row = {"step": step, "loss": round(loss_sum, 6), "lr": scheduler.get_last_lr()[0],
-               "grad_norm": round(float(grad_norm), 6), "tokens": all_tokens, "epoch": epoch,
+               "grad_norm": round(grad_norm, 6), "tokens": all_tokens, "epoch": epoch,
                "tokens_per_s": round((all_tokens - base_tokens) / max(elapsed, 1e-9), 1),
                "memory_mb": round(memory_bytes(device) / 2**20)}
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             row["eval_loss"] = evaluate_loss(model, data, cfg, device)
+            if row["eval_loss"] is not None and not math.isfinite(row["eval_loss"]):
+                raise UserError(f"the held-out loss became {row['eval_loss']} after step {step}; "
+                                f"{_stopped(out, step + 1, cfg)}")
         if (step % cfg.logging_steps == 0 or "eval_loss" in row) and dd.is_main():
             log(row)
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                         mem=f"{row['memory_mb']}MB")
         bar.update(1)
-        state = {"epoch": epoch, "cursor": cursor, "tokens": all_tokens, "config": asdict(cfg)}
+        state = {"epoch": epoch, "cursor": cursor, "tokens": all_tokens, "config": asdict(cfg),
+                 "data": data.fingerprint, "first_loss": watch.first}
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
+            save_checkpoint(out, step, model, optimizer, scheduler, state, keep=_keep(cfg))
     bar.close()
     state = {"epoch": epoch, "cursor": cursor, "tokens": base_tokens + int(dd.sum_scalar(tokens_seen, device)),
-             "config": asdict(cfg), "loss": last_loss}
-    save_checkpoint(out, step, model, optimizer, scheduler, state, keep=cfg.save_total_limit)
+             "config": asdict(cfg), "loss": last_loss, "data": data.fingerprint, "first_loss": watch.first}
+    save_checkpoint(out, step, model, optimizer, scheduler, state, keep=_keep(cfg))
     return {"step": step, **state}
+
+
+def _keep(cfg: TrainConfig) -> int:
+    """save_checkpoint's `keep` for --save-total-limit (-1: all, which save_checkpoint spells 0; 0: the
+    newest one until the run has finished, see drop_checkpoints)."""
+    return 0 if cfg.save_total_limit == -1 else max(cfg.save_total_limit, 1)
+
+
+def drop_checkpoints(out: Path) -> None:
+    """--save-total-limit 0: delete the run's checkpoints once it has finished (only directories that
+    hold nothing but fourbit's checkpoint files)."""
+    from fourbit.checkpoint import _only_own_files, list_checkpoints
+
+    for path in list_checkpoints(out):
+        if _only_own_files(path):
+            shutil.rmtree(path)
+
+
+def _stopped(out: Path, bad_step: int, cfg: TrainConfig) -> str:
+    """The end of a stop message: what was kept, and what to try. The weights that produced step
+    `bad_step`'s trouble are those after step bad_step - 1, so the newest checkpoint before that is
+    the last good one."""
+    from fourbit.checkpoint import list_checkpoints, validate_checkpoint
+
+    good = [p for p in list_checkpoints(out)
+            if int(p.name.split("-")[1]) <= bad_step - 2 and not validate_checkpoint(p)]
+    return (f"stopped without applying this step. Last good checkpoint: {good[-1] if good else 'none'}. "
+            f"Try a lower --lr (now {cfg.lr:g}), more --warmup-steps, or check the data")
+
+
+# Note: When a run has diverged
+# A NaN/Inf loss or gradient norm stops the run at once, before the optimizer applies the step. A run
+# can also diverge without a NaN: with --lr 1e6 the demo's loss went 1.73 -> 10.8027 = ln(49152)
+# (uniform guessing over SmolLM2's vocabulary) with a gradient norm of exactly 0 at every later
+# step, and the run said "done". So after warmup, DivergenceWatch.patience (3) steps in a row that
+# each show one of these stop it too:
+#   stuck:     gradient norm < 1e-12 with the loss > 0.1 (nothing can be learned any more; a run that
+#              has learned its data perfectly has loss ~0, so it is not stuck)
+#   exploded:  loss > ln(vocab) + 1 nat: worse than guessing uniformly
+#   collapsed: loss > 0.9 ln(vocab) when the first step's loss was < 0.5 ln(vocab): a model that knew
+#              something now guesses
+# A run that trains shows none of them: a tiny random model starts near ln(vocab) and stays below
+# it, a pretrained one starts far below and stays there (every train test runs this check).
+@dataclass
+class DivergenceWatch:
+    vocab: int
+    first: float | None = None  # the run's first loss (kept in checkpoints, so resuming keeps it)
+    patience: int = 3
+    streak: int = 0
+    since: int = 0  # the step the current streak began
+
+    def check(self, step: int, loss: float, grad_norm: float, warm: bool) -> str | None:
+        """Why the run has diverged, after `patience` bad steps in a row; else None."""
+        self.first = loss if self.first is None else self.first
+        ln_v = math.log(self.vocab)
+        why = None
+        if grad_norm < 1e-12 and loss > 0.1:
+            why = f"the gradient norm is {grad_norm:.3g} at loss {loss:.4f} (nothing can be learned any more)"
+        elif loss > ln_v + 1:
+            why = f"the loss {loss:.4f} is worse than guessing uniformly (ln {self.vocab} = {ln_v:.4f})"
+        elif self.first < 0.5 * ln_v and loss > 0.9 * ln_v:
+            why = (f"the loss rose from {self.first:.4f} at the first step to {loss:.4f}, near uniform guessing "
+                   f"(ln {self.vocab} = {ln_v:.4f})")
+        if why is None or not warm:
+            self.streak = 0
+            return None
+        self.since = step if self.streak == 0 else self.since
+        self.streak += 1
+        return why if self.streak >= self.patience else None
 
 
 class MetricsLog:
     """metrics.jsonl (appended, flushed per row; truncated to the resume step) + TensorBoard when installed."""
 
     def __init__(self, out: Path, resume_step: int):
+        from fourbit.outputs import write_text_atomic
+
         self.path = out / "metrics.jsonl"
+        self.partial = None  # a partial last line cut off (a run killed mid-write), for the caller's warning
         if self.path.exists():  # drop rows written after the checkpoint we resume from
-            keep = [row for _, row in iter_jsonl(self.path) if row.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+            self.partial = truncate_partial_line(self.path)
+            keep = [row for _, row in iter_jsonl(self.path, objects=True) if row.get("step", 0) <= resume_step]
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
         self.f = open(self.path, "a")
         self.tb = None
         try:
@@ -420,7 +610,7 @@ def plot_losses(out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [row for _, row in iter_jsonl(out / "metrics.jsonl")]
+    rows = [row for _, row in iter_jsonl(out / "metrics.jsonl", allow_partial_last=True, objects=True)]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -433,9 +623,10 @@ def plot_losses(out: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
+    path, tmp = out / "loss.png", out / ".loss.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -468,9 +659,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
+    """Check everything that can be checked (output, resumed settings, data, model) before the first
+    write; then train in the run directory (or beside it, for --overwrite), and on failure delete
+    only what this run created (discard_output)."""
     from fourbit import distributed as dd
-    from fourbit.checkpoint import list_checkpoints, load_checkpoint
-    from fourbit.nn import save_adapter, trainable_summary
 
     main = dd.is_main()
     say = print if main else (lambda *a, **k: None)
@@ -478,16 +670,71 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist_device or _device(cfg)
-    out = prepare_output(cfg)
+    out, mode = check_output_dir(cfg)
+    existed = out.exists()
+    resumed = _resume_point(out, cfg) if mode == "resume" else None  # settings compared before any data is read
     seed_everything(cfg.seed)
-    model, tok = setup_model(cfg, device)  # same LoRA init on every rank (seeded)
+    rows = read_data(cfg)  # a bad row costs neither a tokenizer nor a model load
+    tok, config = setup_tokenizer(cfg)
+    data = setup_data(cfg, tok, getattr(config, "max_position_embeddings", None), read=rows)
+    if resumed is not None and resumed[1].get("data") not in (None, data.fingerprint):
+        raise UserError(f"--resume: the training data differs from the data {resumed[0]} was trained on (same "
+                        f"settings, different tokens: was {cfg.data} or the tokenizer changed?). Resume with the "
+                        f"original data, or start a new run with another --output")
+    model, tok = setup_model(cfg, device, tok)  # same LoRA init on every rank (seeded)
     if cfg.fsdp:
         if dd.world() < 2:
-            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N (N >= 2)")
+            raise UserError("--fsdp shards the model across processes: launch with torchrun --nproc-per-node N "
+                            "(N >= 2)")
         dd.shard_model(model)
-    scores_everywhere = cfg.fsdp  # generation on a sharded model needs every rank
     torch.manual_seed(cfg.seed + dd.rank())  # dropout differs per rank, like separate data
-    data = setup_data(cfg, tok)
+    work = open_output(out, mode)  # the first write of the run
+    try:
+        result = _run(cfg, model, tok, data, device, out, work, mode, t_start, say)
+    except BaseException as e:
+        if main:
+            discard_output(out, work, mode, existed)
+        if mode == "overwrite" and isinstance(e, UserError):
+            raise UserError(f"{e} (--overwrite: the new run was discarded; {out} still holds the previous "
+                            f"run)") from None
+        raise
+    return result
+
+
+def _resume_point(out: Path, cfg: TrainConfig) -> tuple[Path, dict]:
+    """(the checkpoint --resume continues from, its trainer state), after warning about each newer
+    checkpoint skipped as broken and refusing settings that differ from the run's (fourbit.rundir)."""
+    from fourbit import distributed as dd
+    from fourbit.checkpoint import STATE_NAME, latest_good_checkpoint
+    from fourbit.rundir import check_resume
+
+    path, skipped = latest_good_checkpoint(out)
+    for p, why in skipped if dd.is_main() else []:
+        print(f"warning: {p}: {why}; not resumed from")
+    if path is None:
+        raise UserError(f"--resume: {out} has no usable checkpoint-<step> directory to resume from"
+                        + (f" (skipped: {'; '.join(f'{p.name}: {w}' for p, w in skipped[:3])})" if skipped else ""))
+    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    saved = state.get("config") or {}
+    check_resume(saved, cfg, path)
+    length = {k: saved[k] for k in ("max_steps", "epochs") if k in saved and saved[k] != getattr(cfg, k)}
+    if length and cfg.schedule != "constant" and dd.is_main():
+        changed = ", ".join(f"--{k.replace('_', '-')} {v} -> {getattr(cfg, k)}" for k, v in length.items())
+        print(f"warning: {changed}: the {cfg.schedule} schedule is recomputed for the new length, so the learning "
+              f"rate of the remaining steps changes")
+    return path, state
+
+
+def _run(cfg: TrainConfig, model, tok, data: Data, device, out: Path, work: Path, mode: str, t_start: float,
+         say) -> TrainResult:
+    """(score before) -> fit -> eval -> save adapter, summary, plot -> (score after), in `work`."""
+    from fourbit import distributed as dd
+    from fourbit.checkpoint import latest_good_checkpoint, load_checkpoint
+    from fourbit.nn import save_adapter, trainable_summary
+    from fourbit.outputs import StagedDir, write_text_atomic
+
+    main = dd.is_main()
+    scores_everywhere = cfg.fsdp  # generation on a sharded model needs every rank
     per_epoch = len(epoch_batches(data, cfg, 0))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
@@ -495,13 +742,11 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     start = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0}
     is_builtin = cfg.data == "builtin"
     score_before = None
-    if cfg.resume:
-        ckpts = list_checkpoints(out)
-        if not ckpts:
-            raise UserError(f"--resume: {out} has no complete checkpoint-<step> directory to resume from")
-        start = load_checkpoint(ckpts[-1], model, optimizer, scheduler)
+    if mode == "resume":
+        path, _ = latest_good_checkpoint(work)  # after rank 0 pruned half-deleted ones (open_output)
+        start = load_checkpoint(path, model, optimizer, scheduler)
         score_before = start.get("score_before")
-        say(f"resuming from {ckpts[-1]} (step {start['step']} of {total})")
+        say(f"resuming from {path} (step {start['step']} of {total})")
     elif is_builtin and (main or scores_everywhere):
         score_before = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
         say(f"held-out score before training: {score_before:.1%}")
@@ -511,16 +756,21 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
         (f", {dd.world()} processes" if dd.world() > 1 else ""))
     log = None
     if main:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        log = MetricsLog(out, start["step"])
+        write_text_atomic(work / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        log = MetricsLog(work, start["step"])
+        if log.partial is not None:
+            say(f"warning: {log.partial}; cut off before appending")
     try:
         start["score_before"] = score_before
-        final = fit(model, data, cfg, out, device, optimizer, scheduler, start, total, log)
+        final = fit(model, data, cfg, work, device, optimizer, scheduler, start, total, log)
     finally:
         if log is not None:
             log.close()
     eval_loss = evaluate_loss(model, data, cfg, device)
-    save_adapter(model, out, base_model_name_or_path=cfg.model)  # every rank joins (sharded: a gather); rank 0 writes
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise UserError(f"the held-out loss after training is {eval_loss}: the trained model computes non-finite "
+                        f"values. Try a lower --lr (now {cfg.lr:g}) or check the data")
+    save_adapter(model, work, base_model_name_or_path=cfg.model)  # every rank joins (sharded: a gather); rank 0 writes
     score_after = None
     if is_builtin and (main or scores_everywhere):
         score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
@@ -532,11 +782,15 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
         "peak_memory_mb": round(memory_bytes(device) / 2**20), "device": str(device), "processes": dd.world(),
     }
     if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot = plot_losses(out)
+        write_text_atomic(work / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot = plot_losses(work)
+        if cfg.save_total_limit == 0:
+            drop_checkpoints(work)
+        if mode == "overwrite":
+            StagedDir(out).commit()  # the previous run is deleted only now that this one is complete
         say(f"done: {summary['steps']} steps in {summary['seconds']} s, final loss {summary['final_loss']:.4f}, "
             f"eval loss {eval_loss if eval_loss is None else round(eval_loss, 4)}, peak memory "
-            f"{summary['peak_memory_mb']} MB; adapter in {out}" + (f", plot {plot}" if plot else ""))
+            f"{summary['peak_memory_mb']} MB; adapter in {out}" + (f", plot {out / plot.name}" if plot else ""))
         if is_builtin:
             say(f"held-out score: {score_before:.1%} before -> {score_after:.1%} after training")
             say(f"try it: fourbit chat --adapter {out}")

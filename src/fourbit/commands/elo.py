@@ -26,9 +26,14 @@ def run(argv: list[str]) -> int:
     from fourbit.commands.flags import JsonOutput, parse_cli
     from fourbit.eval.elo import elo_ratings, plot_elo
 
+    from fourbit.outputs import PNG_MAGIC, check_output, check_replaceable_file
+
     (a, out), _ = parse_cli((EloArgs, JsonOutput), argv, prog="fourbit elo", positional=("judgments",),
                             description="Elo (mean over random orderings) and Bradley-Terry ratings from pairwise "
                                         "judgment files.")
+    if a.plot:  # before the work: the plot replaces only a PNG, and never a judgment file
+        check_output(a.plot, {f"judgment file {i + 1}": j for i, j in enumerate(a.judgments)}, "file", flag="--plot")
+        check_replaceable_file(a.plot, PNG_MAGIC, "a PNG image", "--plot")
     res = elo_ratings(a.judgments, a.orderings, a.seed)
     print(json.dumps(res.as_dict(), indent=2) if out.json else table(res))
     if a.plot:

@@ -66,17 +66,31 @@ def _ppl(argv: list[str]) -> int:
     from fourbit.commands.flags import JsonOutput, parse_cli
     from fourbit.errors import UserError
     from fourbit.eval.perplexity import perplexity, window_sizes
-    from fourbit.models import ModelArgs, load_config, load_model_and_adapter, resolve_source
+    from fourbit.models import ModelArgs, load_model_and_adapter, load_tokenizer
+    from fourbit.nn import check_adapter
 
     (m, a, out), _ = parse_cli((ModelArgs, PplArgs, JsonOutput), argv, prog="fourbit eval ppl",
                                description="Sliding-window perplexity.")
-    if not Path(a.data).is_file():
-        raise UserError(f"--data {a.data}: no such file")
-    src = resolve_source(m.model)
-    if src.is_dir():  # the context is known before loading: check the window now, not after minutes
-        window_sizes(a.max_length or None, a.stride or None,
-                     getattr(load_config(src), "max_position_embeddings", 2048))
-    text = Path(a.data).read_text(encoding="utf-8")[: a.max_chars or None]
+    path = Path(a.data)
+    if not path.is_file():
+        raise UserError(f"--data {a.data}: no such file" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")[: a.max_chars or None]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--data {a.data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UserError(f"--data {a.data}: " + ("the file is empty" if not text else "the file holds only whitespace")
+                        + "; there is nothing to score")
+    if m.adapter:
+        check_adapter(m.adapter)
+    tok, config = load_tokenizer(m.model)  # the window and the token count are checked before the model loads
+    window_sizes(a.max_length or None, a.stride or None, getattr(config, "max_position_embeddings", None) or 2048)
+    if tok is None:
+        raise UserError(f"model {m.model} has no tokenizer files; eval ppl needs a tokenizer")
+    n = len(tok(text)["input_ids"])
+    if n < 2:
+        raise UserError(f"--data {a.data}: the text is {n} token(s) long; perplexity needs at least 2 (each token is "
+                        f"predicted from the ones before it)")
     model, tok = load_model_and_adapter(m, need_tokenizer="eval ppl")
     r = perplexity(model, tok, text, a.max_length or None, a.stride or None)
     res = {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens, "windows": r.windows,

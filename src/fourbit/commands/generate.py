@@ -29,14 +29,21 @@ def run(argv: list[str]) -> int:
 
     import torch
 
+    import sys
+
     from fourbit.commands.flags import parse_cli
-    from fourbit.generate import Sampling, answered_ids, read_prompts, write_answers
+    from fourbit.generate import Sampling, answered_ids, prepare_answers, read_prompts, write_answers
     from fourbit.models import ModelArgs, load_model_and_adapter
+    from fourbit.outputs import check_output
 
     (m, sampling, a), _ = parse_cli((ModelArgs, Sampling, GenerateOptions), argv, prog="fourbit generate",
                                     description="Answer a file of prompts.")
+    check_output(a.output, {"--prompts": a.prompts, "--model": m.model, "--adapter": m.adapter}, "file")
     prompts = read_prompts(a.prompts)[: a.limit or None]
     done = answered_ids(a.output)
+    partial = prepare_answers(a.output)
+    if partial is not None:
+        print(f"warning: {partial}; cut off, that prompt is answered again", file=sys.stderr)
     todo = [(q, t) for q, t in prompts if q not in done]
     print(f"{len(prompts)} prompts, {len(done)} already answered in {a.output}, {len(todo)} to go")
     if not todo:

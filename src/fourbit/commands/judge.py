@@ -22,12 +22,19 @@ class JudgeArgs:
                                                                   "question text and category"})
     limit: int = field(default=0, metadata={"help": "judge only the first N questions (0: all)"})
     one_order: bool = field(default=False, metadata={"help": "judge each pair once instead of in both orders"})
+    timeout: float = field(default=120.0, metadata={"help": "--judge endpoint: seconds to wait for each answer"})
+    retries: int = field(default=5, metadata={"help": "--judge endpoint: retries of a request that failed "
+                                                      "transiently (429, 5xx, timeout, dropped connection, error "
+                                                      "body), with exponential backoff from 1 s"})
 
     def validate(self) -> list[str]:
         p = [] if self.answers_a and self.answers_b else ["two answer files are required: "
                                                           "fourbit judge A.jsonl B.jsonl"]
         p += [] if self.judge in JUDGES else [f"--judge must be one of {', '.join(JUDGES)}, got {self.judge!r}"]
         p += [] if self.limit >= 0 else [f"--limit must be >= 0, got {self.limit}"]
+        p += [] if self.timeout > 0 and self.timeout != float("inf") else [
+            f"--timeout must be a number of seconds > 0, got {self.timeout}"]
+        p += [] if self.retries >= 0 else [f"--retries must be >= 0, got {self.retries}"]
         return p
 
 
@@ -37,16 +44,24 @@ def run(argv: list[str]) -> int:
     from fourbit.commands.flags import parse_cli
     from fourbit.eval.judge import EndpointJudge, HumanJudge, ModelJudge, read_answers, run_judging
 
+    from fourbit.outputs import check_output
+
     a, _ = parse_cli(JudgeArgs, argv, prog="fourbit judge", positional=("answers_a", "answers_b"),
                      description="Pairwise judgments of two answer files.")
+    check_output(a.output, {"answers A": a.answers_a, "answers B": a.answers_b, "--questions": a.questions,
+                            "--judge-model": a.judge_model if a.judge == "model" else None}, "file")
     read_answers(a.answers_a), read_answers(a.answers_b)  # a bad answer file fails before a judge model loads
-    judge = {"model": lambda: ModelJudge(a.judge_model), "endpoint": lambda: EndpointJudge(a.judge_model),
+    judge = {"model": lambda: ModelJudge(a.judge_model),
+             "endpoint": lambda: EndpointJudge(a.judge_model, timeout=a.timeout, retries=a.retries),
              "human": HumanJudge}[a.judge]()
     try:
         s = run_judging(a.answers_a, a.answers_b, judge, a.output, a.questions, a.limit, not a.one_order)
     except KeyboardInterrupt:
         print(f"\nstopped; every judgment so far is in {a.output}; run the same command to continue", file=sys.stderr)
         return 130
-    print(f"{s.judged} judgments written to {a.output} ({s.skipped_existing} already there, {s.unreadable} "
-          f"unreadable); wins (ties count half): " + ", ".join(f"{k} {v:g}" for k, v in s.wins.items()))
+    if s.partial_line is not None:
+        print(f"warning: {s.partial_line}; cut off, that pair was judged again", file=sys.stderr)
+    print(f"{s.judged} judgments written to {a.output} ({s.skipped_existing} already there, {s.retried} judged "
+          f"again after an unreadable verdict, {s.unreadable} unreadable: a rerun judges them again); wins (ties "
+          f"count half): " + ", ".join(f"{k} {v:g}" for k, v in s.wins.items()))
     return 0

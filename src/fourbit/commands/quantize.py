@@ -18,6 +18,8 @@ def run(argv: list[str]) -> int:
         if isinstance(e, UserError):
             raise
         raise UserError(str(e)) from None
+    for note in r.notes:
+        print(f"warning: {note}")
     mb = 1 / 2**20
     print(f"quantized {r.quantized} linear weights ({r.params_quantized / 1e6:.1f}M parameters) of {r.tensors} "
           f"tensors in {r.seconds:.1f} s -> {args.output}")

@@ -131,13 +131,13 @@ def run(argv: list[str]) -> int:
         import uvicorn
     except ImportError:
         raise UserError("fourbit serve needs starlette and uvicorn: pip install 'fourbit[serve]'") from None
-    from fourbit.nn import read_adapter_config
+    from fourbit.nn import check_adapter
     from fourbit.serve import Arena, Limits, build_app
     from fourbit.serve.app import bind, default_context
 
     adapters = dict(spec.partition("=")[::2] for spec in a.adapters)
     for name, path in adapters.items():  # a bad adapter fails in a second, not after the model loads
-        read_adapter_config(path)
+        check_adapter(path)
     arena = Arena(a.judgments, a.arena, a.questions) if a.arena else None
     sock, url = bind(a.host, a.port)  # a port in use fails now, not after the model loads
     scheduler = None

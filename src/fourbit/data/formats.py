@@ -44,7 +44,7 @@ from pathlib import Path
 
 from fourbit.data.builtin import builtin_examples
 from fourbit.data.example import MAX_BAD_FRACTION, DataReport, Example
-from fourbit.errors import UserError
+from fourbit.errors import UserError, redact
 
 FORMATS = ("alpaca", "oasst", "chat", "io", "text")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -274,7 +274,7 @@ def _read_hub(name: str) -> list[tuple[str, object]]:
         ds = datasets.load_dataset(repo, split=split or "train")
     except Exception as e:  # offline, unknown name, no such split: one message for the user
         raise UserError(f"{name!r} is not a local path, and loading it from the hub failed "
-                        f"({type(e).__name__}: {str(e)[:300]})") from None
+                        f"({type(e).__name__}: {redact(str(e))[:300]})") from None
     return [(f"{name}:row {i + 1}", dict(r)) for i, r in enumerate(ds)]
 
 

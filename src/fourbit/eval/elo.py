@@ -272,5 +272,7 @@ def plot_elo(result: EloResult, path: str) -> None:
     ax.set_xlabel(f"Elo (mean of {result.orderings} orderings, 95% interval)")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")  # written whole, then renamed: a crash leaves the old plot
     plt.close(fig)
+    tmp.replace(path)

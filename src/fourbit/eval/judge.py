@@ -6,7 +6,10 @@ For every question both files answer, the judge sees the question and the two an
 both orders to cancel position bias (QLoRA §6.1: the judge favours the answer shown first). Judgments are appended to a JSONL file as they
 come, one line each (`question_id`, `first`, `second`, `score`, `judge`, `raw`), and pairs already
 in that file are skipped, so a long or interrupted run loses nothing and resumes. Judge output
-whose last line is not 1, 2 or 3 is recorded with score -1 and counted; `fourbit elo` skips it.
+whose last line is not 1, 2 or 3 is recorded with score -1 (`fourbit elo` skips it) and is not
+done: a rerun judges that pair again. An endpoint that fails transiently is retried with backoff,
+and a run that cannot get an answer stops without recording anything for that pair (see Note:
+Transient endpoint failures).
 
 Answer files: fourbit generate's output, the Vicuna reference answers, or the QLoRA paper's
 generation files (`generation` holds the answer there). Files whose question ids differ are
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -103,14 +107,35 @@ class ModelJudge:
         return generate_batch(self.model, self.tok, [prompt], self.max_new_tokens, chat_template=False)[0]
 
 
-class EndpointJudge:
-    """An OpenAI-compatible /chat/completions endpoint: OPENAI_BASE_URL and OPENAI_API_KEY from the env."""
+# Note: Transient endpoint failures
+# A judge endpoint answering 429 (rate limit), 5xx, nothing within --timeout, a dropped connection,
+# or HTTP 200 with a body that is not a completion ({"error": ...}, not JSON, no choices: proxies
+# and overloaded servers do this) has not judged anything: recording its "verdict" as unreadable
+# lost 8 of 8 judgments in a probe. So each request is retried `retries` times with exponential
+# backoff (1, 2, 4, ... s, at most 60 s, longer when the server sends Retry-After); when they are
+# used up the run stops with one line, every judgment so far saved, and a rerun continues. A
+# refusal that retrying cannot fix (401, 404, 400) stops at once. Server text is redacted before
+# it is printed (fourbit.errors.redact): servers echo keys back.
+_TRANSIENT_HTTP = {408, 409, 425, 429}  # and every 5xx
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 120):
+
+class _Transient(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EndpointJudge:
+    """An OpenAI-compatible /chat/completions endpoint: OPENAI_BASE_URL and OPENAI_API_KEY from the
+    env. Transient failures are retried with backoff (see Note: Transient endpoint failures)."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 120,
+                 retries: int = 5, backoff: float = 1.0, sleep=None):
         self.name = model
         self.url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
         self.key = api_key or os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.sleep = sleep or time.sleep
         if not self.key:
             raise UserError("the endpoint judge needs an API key in OPENAI_API_KEY (and OPENAI_BASE_URL for a "
                             "non-OpenAI server)")
@@ -119,25 +144,65 @@ class EndpointJudge:
         body = json.dumps({"model": self.name, "temperature": 0, "max_tokens": 512,
                            "messages": [{"role": "system", "content": system},
                                         {"role": "user", "content": user}]}).encode()
+        waited = 0.0
+        for attempt in range(self.retries + 1):
+            try:
+                return self._request(body)
+            except _Transient as e:
+                if attempt == self.retries:
+                    raise UserError(redact(f"judge endpoint {self.url}: {e}; gave up after {attempt + 1} "
+                                           f"attempt(s) over {waited:.0f} s (--retries {self.retries}). Every "
+                                           f"judgment so far is saved: run the same command again to continue",
+                                           [self.key])) from None
+                delay = min(self.backoff * 2 ** attempt, 60.0)
+                if e.retry_after is not None:
+                    delay = min(max(delay, e.retry_after), 300.0)
+                self.sleep(delay)
+                waited += delay
+        raise AssertionError("unreachable")
+
+    def _request(self, body: bytes) -> str:
+        """The completion's text; _Transient for what a retry may fix, UserError for what it cannot."""
+        import http.client
+
         req = urllib.request.Request(f"{self.url}/chat/completions", data=body, method="POST",
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {self.key}"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                data = json.loads(r.read())
-        except urllib.error.HTTPError as e:  # servers echo keys back: never print one
-            raise UserError(redact(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}",
-                                   [self.key])) from None
-        except (urllib.error.URLError, TimeoutError) as e:
-            if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-                raise UserError(redact(f"judge endpoint {self.url} did not answer within {self.timeout:g} s (a "
-                                       f"timeout: the server is reachable but slow or overloaded)",
-                                       [self.key])) from None
-            raise UserError(redact(f"judge endpoint {self.url} is unreachable ({e})", [self.key])) from None
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            text = f"HTTP {e.code}: {e.read()[:300]!r}"
+            if e.code in _TRANSIENT_HTTP or e.code >= 500:
+                raise _Transient(f"answered {text}", _seconds(e.headers.get("Retry-After"))) from None
+            raise UserError(redact(f"judge endpoint {self.url} answered {text}", [self.key])) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                raise _Transient(f"did not answer within {self.timeout:g} s (a timeout: the server is reachable but slow "
+                                 f"or overloaded; --timeout sets the limit)") from None
+            if isinstance(reason, (ConnectionError, http.client.HTTPException)):
+                raise _Transient(f"the connection failed ({type(reason).__name__}: {reason})") from None
+            raise UserError(redact(f"judge endpoint {self.url} is unreachable ({reason})", [self.key])) from None
         try:
-            return data["choices"][0]["message"]["content"] or ""
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _Transient(f"answered HTTP 200 with a body that is not JSON: {raw[:200]!r}") from None
+        if isinstance(data, dict) and data.get("error"):
+            raise _Transient(f"answered HTTP 200 with an error: {json.dumps(data['error'])[:300]}")
+        try:
+            content = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            return ""  # recorded as unreadable
+            raise _Transient(f"answered HTTP 200 without choices[0].message.content: {json.dumps(data)[:200]}") \
+                from None
+        return content if isinstance(content, str) else ""
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: the exponential backoff will do
+        return None
 
 
 class HumanJudge:
@@ -165,6 +230,7 @@ class JudgeStats:
     judged: int = 0
     skipped_existing: int = 0
     unreadable: int = 0
+    retried: int = 0  # pairs judged again because an earlier run recorded an unreadable verdict
     wins: dict[str, float] = field(default_factory=dict)
     partial_line: object = None  # a PartialLine cut off the output before appending (a killed earlier run)
 
@@ -181,13 +247,16 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                         f"{'...' if len(only_a) > 10 else ''}; only in {file_b}: {only_b[:10]}"
                         f"{'...' if len(only_b) > 10 else ''}")
     attach_questions(ans_a, questions)
-    out = Path(output)
-    done, partial = set(), None
+    from fourbit.outputs import check_output
+
+    out = check_output(output, {"answers A": file_a, "answers B": file_b, "--questions": questions}, "file")
+    done, failed, partial = set(), set(), None
     if out.exists():
         for i, r in iter_jsonl(out, allow_partial_last=True, objects=True):
             if not {"question_id", "first", "second"} <= set(r):
                 raise UserError(f"{out}:{i}: not a judgment (no question_id/first/second); is --output another file?")
-            done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
+            key = (str(r["question_id"]), r["first"], r["second"], r.get("judge"))
+            (done if r.get("score") in (1, 2, 3) else failed).add(key)  # unreadable verdicts are judged again
         partial = truncate_partial_line(out)  # a killed run's half-written line: judged again, not glued onto
     stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0}, partial_line=partial)
     qids = sorted(ans_a, key=lambda q: (len(q), q))[: limit or None]
@@ -197,22 +266,29 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
     from tqdm.auto import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:
-        for q, (n1, a1), (n2, a2) in tqdm(pairs, desc="judging", unit="pair", disable=isinstance(judge, HumanJudge)):
-            if (q, n1, n2, judge.name) in done:
-                stats.skipped_existing += 1
-                continue
-            question = ans_a[q]["question"] or ""
-            system, user = judge_prompt(question, a1[q]["answer"], a2[q]["answer"], ans_a[q].get("category"))
-            raw = judge(system, user)
-            score = parse_verdict(raw)
-            f.write(json.dumps({"question_id": q, "first": n1, "second": n2, "score": score, "judge": judge.name,
-                                "raw": raw}, ensure_ascii=False) + "\n")
-            f.flush()
-            stats.judged += 1
-            if score == -1:
-                stats.unreadable += 1
-            else:
-                stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
-                stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
+    existed = out.exists()
+    try:
+        with open(out, "a", encoding="utf-8") as f:
+            for q, (n1, a1), (n2, a2) in tqdm(pairs, desc="judging", unit="pair",
+                                              disable=isinstance(judge, HumanJudge)):
+                if (q, n1, n2, judge.name) in done:
+                    stats.skipped_existing += 1
+                    continue
+                stats.retried += (q, n1, n2, judge.name) in failed
+                question = ans_a[q]["question"] or ""
+                system, user = judge_prompt(question, a1[q]["answer"], a2[q]["answer"], ans_a[q].get("category"))
+                raw = judge(system, user)
+                score = parse_verdict(raw)
+                f.write(json.dumps({"question_id": q, "first": n1, "second": n2, "score": score,
+                                    "judge": judge.name, "raw": raw}, ensure_ascii=False) + "\n")
+                f.flush()
+                stats.judged += 1
+                if score == -1:
+                    stats.unreadable += 1
+                else:
+                    stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
+                    stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
+    finally:
+        if not existed and out.exists() and out.stat().st_size == 0:  # nothing judged: leave nothing behind
+            out.unlink()
     return stats

@@ -80,6 +80,9 @@ def mmlu_subjects(data_dir: str | Path, split: str, subjects: list[str] | None =
     """The subjects to run (all of the split's when None); UserError for a missing directory or an
     unknown subject, so a command can check before it loads a model."""
     known = list_subjects(Path(data_dir), split)
+    if not known:
+        raise UserError(f"{Path(data_dir) / split} holds no <subject>_{split}.csv files: nothing to evaluate "
+                        f"(expected MMLU's CSV layout {data_dir}/{{dev,val,test}}/<subject>_<split>.csv)")
     unknown = sorted(set(subjects or []) - set(known))
     if unknown:
         raise UserError(f"unknown MMLU subject(s) {unknown}; see {Path(data_dir) / split}")
@@ -108,6 +111,9 @@ def evaluate_mmlu(model, tokenizer, data_dir: str | Path, split: str = "test", s
                 k -= 1
                 ids = tokenizer(build_prompt(s, dev[:k], row))["input_ids"]
             jobs.append((s, ids[-limit_len:], CHOICES.index(row[5].strip())))
+    if not jobs:
+        raise UserError(f"the {split} CSVs of {', '.join(names[:5])}{'...' if len(names) > 5 else ''} in {data_dir} "
+                        f"hold no questions: nothing to evaluate")
     correct: dict[str, int] = {s: 0 for s in names}
     count: dict[str, int] = {s: 0 for s in names}
     order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][1]))  # similar lengths per batch
@@ -122,7 +128,15 @@ def evaluate_mmlu(model, tokenizer, data_dir: str | Path, split: str = "test", s
             mask[i, : len(x)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         last = mask.sum(1) - 1
-        pred = logits[torch.arange(len(batch)), last.to(device)][:, choice_ids.to(device)].argmax(-1).cpu()
+        scores = logits[torch.arange(len(batch)), last.to(device)][:, choice_ids.to(device)]  # (B, 4)
+        if not bool(torch.isfinite(scores).all()):  # argmax of NaN is 0: every answer would read "A"
+            from fourbit.models import first_non_finite
+
+            bad = first_non_finite(model)
+            raise UserError(f"the model computes non-finite logits on an MMLU {batch[0][0]} question"
+                            + (f"; its weight {bad} holds NaN/Inf" if bad else " (every weight is finite: an "
+                               "overflow; try --dtype fp32)") + "; an accuracy from it would mean nothing")
+        pred = scores.argmax(-1).cpu()
         for (s, _, gold), p in zip(batch, pred.tolist()):
             correct[s] += int(p == gold)
             count[s] += 1

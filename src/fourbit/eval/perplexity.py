@@ -55,8 +55,19 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
         new = end - max(prev_end, begin)  # tokens not scored yet
         labels[:, : window.shape[1] - new] = -100
         loss_sum, n = causal_lm_loss(model, window, labels, num_tokens=1)
+        if not math.isfinite(float(loss_sum)):
+            from fourbit.models import first_non_finite
+
+            bad = first_non_finite(model)
+            raise UserError(f"the model's loss is {float(loss_sum)} on tokens {begin}-{end} (window {windows + 1}): "
+                            + (f"its weight {bad} holds NaN/Inf" if bad else
+                               "every weight is finite, so the arithmetic overflows (try --dtype fp32)")
+                            + "; a perplexity from it would mean nothing")
         total, count, prev_end, windows = total + float(loss_sum), count + n, end, windows + 1
         if end == len(ids):
             break
-    nll = total / max(count, 1)
+    if count == 0:
+        raise UserError(f"nothing to score: the text is {len(ids)} token(s) long, and perplexity needs at least 2 "
+                        f"(each token is predicted from the ones before it)")
+    nll = total / count
     return PerplexityResult(math.exp(nll), nll, count, windows)

@@ -26,11 +26,12 @@ from torch import nn
 from fourbit.config import option, validate
 from fourbit.errors import UserError
 from fourbit.export.gguf import GGUF_TYPES, check_gguf_supported, write_gguf
-from fourbit.models import (QUANT_CHOICES, ModelArgs, bnb_quantization_config, bnb_skip_modules, load_config,
-                            load_model, load_model_and_adapter, normalize_quant, parse_dtype, resolve_source,
-                            save_model)
+from fourbit.models import (QUANT_CHOICES, ModelArgs, bnb_quantization_config, bnb_skip_modules, first_non_finite,
+                            load_config, load_model, load_model_and_adapter, normalize_quant, parse_dtype,
+                            resolve_source, save_model)
 from fourbit.models.load import choice_problems
-from fourbit.models.source import TOKENIZER_FILES
+from fourbit.models.quantize import check_replaceable
+from fourbit.outputs import StagedDir, check_output, write_marker
 from fourbit.nn import dequantize_linears, merge_lora, quantize_linears
 from fourbit.quant import DTYPES, QUANT_TYPES
 
@@ -78,7 +79,9 @@ class MergeArgs:
     check_gguf: str = field(default="auto", metadata={"help": "read the GGUF back with transformers (fp32, 4 bytes "
                                                               "per parameter) and measure it too: yes, no, or auto "
                                                               "(yes up to 1.5B parameters)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model fourbit wrote in --output (only a "
+                                                             "directory holding nothing but its files); the new one "
+                                                             "is written beside it and swapped in"})
     device: str | None = option(ModelArgs, "device")
 
     def validate(self) -> list[str]:
@@ -142,8 +145,10 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: 
     t0 = time.perf_counter()
     out_dtype = parse_dtype(a.dtype)
     quantize = normalize_quant(a.quantize)
-    out = Path(output)
-    _check_output(out, a.overwrite, model, adapter)
+    out = check_output(output, {"--model": model, "--adapter": adapter, "--eval-file": a.eval_file})
+    staged = StagedDir(out)
+    staged.recover()
+    check_replaceable(out, a.overwrite)  # only a model fourbit wrote is replaced, and only with --overwrite
     if a.gguf is not None:
         _check_gguf_source(model)
     if eval_texts is None and a.eval_file:
@@ -151,66 +156,71 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, output: 
     base = ModelArgs(model=str(model), adapter=str(adapter), quant=a.base_quant,
                      double_quant=a.double_quant, device=a.device, dtype="fp32")
     m, tok = load_model_and_adapter(base, need_tokenizer="merge (to measure the merge and to copy it next to "
-                                                         "the merged weights)")
+                                                         "the merged weights)")  # NaN weights or adapters: refused
     if a.gguf is not None:
         check_gguf_supported(m.config)
     texts = resolve_eval_texts(eval_texts, tok)
     ids = [tokenize_text(tok, t, a.max_tokens) for t in texts]
     reference = [_logits(m, x) for x in ids]  # the unmerged adapter model, fp32 compute
+    _check_logits(reference, texts, "the unmerged model (base + adapter)", m)
 
     merge_lora(m, dtype=out_dtype)  # W + scaling * B @ A in float32, then cast (see LoraLinear.merge)
     dequantize_linears(m, out_dtype)  # base layers the adapter did not touch
     m.to(out_dtype)
     m.config.dtype = out_dtype
+    bad = first_non_finite(m)
+    if bad is not None:
+        raise UserError(f"the merged weight {bad} holds NaN/Inf in {a.dtype}"
+                        + (" (a value beyond fp16's range of +-65504: use --dtype bf16 or fp32)"
+                           if a.dtype == "fp16" else "") + "; nothing was written")
     report = MergeReport(model=str(model), adapter=str(adapter), output=str(out), dtype=a.dtype,
                          base_quant=normalize_quant(a.base_quant), quantize=quantize)
     n_params = sum(p.numel() for p in m.parameters())
-    _clear_output(out)
-    gguf_path = None
-    if a.gguf is not None:  # from the 16-bit merge, before any 4-bit rounding
-        gguf_path = out / f"model-{a.gguf}.gguf"
-        warnings = write_gguf(m, tok, gguf_path, a.gguf)
-        report.gguf = {"type": a.gguf, "path": str(gguf_path), "bytes": gguf_path.stat().st_size, "warnings": warnings}
-    _save_merged(m, tok, out, quantize, a.double_quant, out_dtype)
-    del m
+    work = staged.begin()
+    try:
+        gguf_path = None
+        if a.gguf is not None:  # from the 16-bit merge, before any 4-bit rounding
+            gguf_path = work / f"model-{a.gguf}.gguf"
+            warnings = write_gguf(m, tok, gguf_path, a.gguf)
+            report.gguf = {"type": a.gguf, "path": str(out / gguf_path.name), "bytes": gguf_path.stat().st_size,
+                           "warnings": warnings}
+        _save_merged(m, tok, work, quantize, a.double_quant, out_dtype)
+        del m
 
-    merged, _ = load_model(out, quant=quantize, compute_dtype=torch.float32, device=a.device, load_tokenizer=False)
-    _fill_costs(report, reference, [_logits(merged, x) for x in ids], ids)
-    del merged
-    if gguf_path is not None:
-        check = CHECK_GGUF[a.check_gguf]
-        if check or (check is None and n_params <= GGUF_CHECK_MAX_PARAMS):
-            report.gguf.update(_gguf_costs(gguf_path, reference, ids))
-        else:
-            report.gguf["warnings"].append(f"not read back: transformers' GGUF loader would need "
-                                           f"{4 * n_params / 2**30:.1f} GiB (fp32); --check-gguf yes to force")
-    report.files = sorted(p.name for p in out.iterdir()) + [REPORT_NAME]
-    report.seconds = round(time.perf_counter() - t0, 2)
-    (out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        merged, _ = load_model(work, quant=quantize, compute_dtype=torch.float32, device=a.device,
+                               load_tokenizer=False)
+        measured = [_logits(merged, x) for x in ids]
+        _check_logits(measured, texts, "the merged model as written", merged)
+        _fill_costs(report, reference, measured, ids)
+        del merged
+        if gguf_path is not None:
+            check = CHECK_GGUF[a.check_gguf]
+            if check or (check is None and n_params <= GGUF_CHECK_MAX_PARAMS):
+                report.gguf.update(_gguf_costs(gguf_path, reference, ids))
+            else:
+                report.gguf["warnings"].append(f"not read back: transformers' GGUF loader would need "
+                                               f"{4 * n_params / 2**30:.1f} GiB (fp32); --check-gguf yes to force")
+        write_marker(work, "fourbit merge")
+        report.files = sorted(p.name for p in work.iterdir()) + [REPORT_NAME]
+        report.seconds = round(time.perf_counter() - t0, 2)
+        (work / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        staged.commit()  # the previous output (if any, and fourbit's) is deleted only now
+    except BaseException:
+        staged.abort()
+        raise
     return report
 
 
-def _check_output(out: Path, overwrite: bool, *inputs) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is a file; pass a directory")
-    for src in inputs:
-        if Path(src).exists() and out.resolve() == Path(src).resolve():
-            raise UserError(f"output {out} is the input directory {src}; write the merged model somewhere else")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace the model files in it, "
-                        f"or choose another directory")
-
-
-def _clear_output(out: Path) -> None:
-    """`out` without the files a merge writes (--overwrite: an old .gguf or shards must not mix with the
-    new model); files of other names are left alone."""
-    out.mkdir(parents=True, exist_ok=True)
-    patterns = ("model*.safetensors", "model.safetensors.index.json", "model-*.gguf", "config.json", REPORT_NAME,
-                *TOKENIZER_FILES)
-    for pattern in patterns:
-        for p in out.glob(pattern):
-            if p.is_file():
-                p.unlink()
+def _check_logits(logits: list[torch.Tensor], texts: list[str], what: str, model: nn.Module) -> None:
+    """A UserError when a model computes NaN/Inf logits: the merge report would otherwise say
+    "top-1 agreement 100%" about numbers that mean nothing."""
+    for x, text in zip(logits, texts):
+        if not bool(torch.isfinite(x).all()):
+            bad = first_non_finite(model)
+            raise UserError(f"{what} computes non-finite logits on the evaluation text {text[:40]!r}"
+                            + (f"; its weight {bad} holds NaN/Inf" if bad else
+                               " although every weight is finite (an overflow in the arithmetic)")
+                            + "; nothing was written")
 
 
 def _save_merged(model: nn.Module, tok, out: Path, quantize: str | None, double_quant: bool,
@@ -267,8 +277,8 @@ def read_eval_file(path: str | os.PathLike) -> list[str]:
     if p.suffix != ".jsonl":
         return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = []
-    for i, row in iter_jsonl(p):
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for i, row in iter_jsonl(p, objects=True):
+        if not isinstance(row.get("text"), str):
             raise UserError(f"--eval-file {p}, line {i}: expected an object with a string \"text\" field")
         texts.append(row["text"])
     return texts

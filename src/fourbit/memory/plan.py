@@ -30,7 +30,6 @@ counted on the GPU, as the paper does).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,11 +105,10 @@ def load_architecture(name_or_path: str):
         p = Path(resolve_model(name_or_path))
     if p.is_dir():
         p = p / "config.json"
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--model {p}: cannot read it as a config.json ({e})") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
+    from fourbit.files import read_json_file
+
+    raw = read_json_file(p, "--model's config.json")  # file:line of a JSON mistake, one line
+    if "model_type" not in raw:
         raise UserError(f"--model {p}: the config has no 'model_type', so the architecture is unknown; "
                         f"a transformers config.json names it (e.g. \"model_type\": \"llama\")")
     missing = [k for k in _NEEDED if k not in raw and not any(a in raw for a in _ALIASES.get(k, ()))]
@@ -163,6 +161,8 @@ class Plan:
         p += choice_problems(self.device, ("cuda", "cpu"), "--device")
         if not 0 <= self.dropout < 1:
             p.append(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not self.alpha > 0:
+            p.append(f"--alpha must be > 0 (LoRA's scaling is alpha / r), got {self.alpha}")
         if self.loss_chunk < 0:
             p.append(f"--loss-chunk must be >= 0 (0: full logits), got {self.loss_chunk}")
         if self.max_grad_norm < 0:

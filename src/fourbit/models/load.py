@@ -26,9 +26,9 @@ from torch import nn
 
 from fourbit.embedded import DEFAULT_MODEL
 from fourbit.errors import UserError
-from fourbit.models.gguf import load_gguf
-from fourbit.models.source import (checkpoint_keys, checkpoint_shards, iter_checkpoint, load_config,
-                                   load_tokenizer_from, resolve_source)
+from fourbit.models.gguf import gguf_tokenizer_and_config, load_gguf
+from fourbit.models.source import (check_finite, check_shape, checkpoint_keys, checkpoint_shards, iter_checkpoint,
+                                   load_config, load_tokenizer_from, resolve_source)
 from fourbit.nn import dequantize_linears, find_linear_names, linear4bit_shells
 from fourbit.nn.linear4bit import default_compute_dtype
 from fourbit.quant import DTYPES, QUANT_TYPES, QuantState, quantize_4bit
@@ -82,12 +82,13 @@ class ModelArgs:
 
 def load_model_and_adapter(args: ModelArgs, need_tokenizer: str | None = "this command"):
     """(model, tokenizer) as `args` says, with the adapter loaded when one is named. The adapter's
-    files are checked before the model loads, so a wrong path fails in a second, not after minutes.
+    files are checked (and its values for NaN/Inf) before the model loads, so a wrong path or a
+    corrupt file fails in a second, not after minutes.
     `need_tokenizer`: who needs it, for the error when the model has none (None: a tokenizer is optional)."""
-    from fourbit.nn import load_adapter, read_adapter_config
+    from fourbit.nn import check_adapter, load_adapter
 
     if args.adapter:
-        read_adapter_config(args.adapter)
+        check_adapter(args.adapter)  # config, file, finite values: before minutes of model loading
     model, tok = load_model(args.model, quant=args.quant, double_quant=args.double_quant,
                             compute_dtype=args.dtype, device=args.device)
     if tok is None and need_tokenizer:
@@ -99,6 +100,17 @@ def load_model_and_adapter(args: ModelArgs, need_tokenizer: str | None = "this c
             why = str(e).removeprefix(f"adapter {Path(args.adapter)}: ")
             raise UserError(f"adapter {args.adapter} does not fit model {args.model}: {why}") from None
     return model, tok
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """(tokenizer or None, transformers config) of a model, without reading its weights: what a
+    command needs to check and tokenize its data before it spends minutes loading the model."""
+    src = resolve_source(name_or_path)
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise UserError(f"{src} is a file but not a .gguf; pass a model directory, a .gguf file or a hub id")
+        return gguf_tokenizer_and_config(src)
+    return load_tokenizer_from(src), load_config(src)
 
 
 def meta_model(config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -165,9 +177,14 @@ def resolve_key(model_keys: set[str], key: str, prefix: str) -> str | None:
     return None
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, where: object = "the checkpoint") -> None:
+    """Put a checkpoint tensor into the model, after checking its shape against the architecture
+    config.json describes (a wrong-shaped norm or embedding would load and then fail in forward)."""
     mod_name, _, leaf = name.rpartition(".")
     mod = model.get_submodule(mod_name)
+    current = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
+    if current is not None:
+        check_shape(name, value.shape, current.shape, where)
     if leaf in mod._parameters:
         mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     else:
@@ -280,12 +297,20 @@ def _load_safetensors(src: Path, quant, double_quant, compute_dtype, device, blo
             continue
         mod_name, _, leaf = name.rpartition(".")
         if mod_name in to_quantize and leaf == "weight":
+            shell = model.get_submodule(mod_name)
+            check_shape(key, t.shape, (shell.out_features, shell.in_features), src)
             w = t.to(device=device, dtype=compute_dtype)
-            model.get_submodule(mod_name).set_quantized(*quantize_4bit(w, quant, blocksize, double_quant, rounding))
+            try:
+                shell.set_quantized(*quantize_4bit(w, quant, blocksize, double_quant, rounding))
+            except ValueError:
+                check_finite(key, w, src)  # the codec refuses NaN/Inf: say which tensor of which model
+                raise
             report.quantized += 1
             del w
         else:
-            _set_tensor(model, name, t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device))
+            check_finite(key, t, src)
+            value = t.to(device=device, dtype=compute_dtype) if t.is_floating_point() else t.to(device)
+            _set_tensor(model, name, value, src)
             report.other_tensors += 1
     _finish(model, device, missing_ok=set())
     if quant is None and preq:  # asked for 16-bit: dequantize what was stored 4-bit

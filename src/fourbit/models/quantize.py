@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ from torch import nn
 from fourbit.config import option
 from fourbit.errors import UserError
 from fourbit.models.gguf import load_gguf
-from fourbit.models.load import ModelArgs, choice_problems, key_renamer, meta_model, parse_dtype, peak_rss_bytes, resolve_key
-from fourbit.models.source import TOKENIZER_FILES, checkpoint_keys, iter_checkpoint, load_config, resolve_source
+from fourbit.models.load import (ModelArgs, choice_problems, key_renamer, meta_model, parse_dtype, peak_rss_bytes,
+                                 resolve_key)
+from fourbit.models.source import (TOKENIZER_FILES, check_finite, check_shape, checkpoint_keys, iter_checkpoint,
+                                   load_config, resolve_source)
 from fourbit.nn import find_linear_names, output_embedding_names, quantize_linears
+from fourbit.outputs import MARKER, marker_of, refuse_unless_own, write_marker
 from fourbit.quant import DTYPES, QUANT_TYPES, quantize_4bit
 from fourbit.quant.blockwise import ROUNDING, check_blocksize
 
@@ -42,7 +46,9 @@ class QuantizeArgs:
                                                               f"(default: as stored)"})
     rounding: str = field(default="nearest", metadata={"help": "nearest (bitsandbytes CUDA rule) or bnb-cpu "
                                                               "(byte-identical to bitsandbytes on CPU)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace files in a non-empty output directory"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a model fourbit wrote in --output (only a "
+                                                             "directory holding nothing but its files); the new one "
+                                                             "is written beside it and swapped in"})
 
     def validate(self) -> list[str]:
         problems = [] if self.output else ["--output DIR is required"]
@@ -119,6 +125,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, qua
 # -- disk to disk -------------------------------------------------------------------------------
 @dataclass
 class QuantizeReport:
+    notes: list[str] = field(default_factory=list)  # e.g. a directory repaired after a killed run
     tensors: int = 0
     quantized: int = 0
     params_quantized: int = 0
@@ -135,23 +142,46 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, **o
 
     `options` are QuantizeArgs' fields (quant, double_quant, blocksize, dtype, rounding, overwrite).
     Linear weights (not lm_head) are quantized one at a time; everything else is copied (cast to
-    `dtype` when given). Peak memory ~ the quantized output + the largest input tensor.
+    `dtype` when given). Every tensor's shape is checked against the architecture config.json
+    describes, and every value for NaN/Inf, before anything is written. The result is written beside
+    `output` and renamed into place (fourbit.outputs.StagedDir); `overwrite` replaces only a model
+    fourbit wrote. Peak memory ~ the quantized output + the largest input tensor.
     """
-    from safetensors.torch import save_file
-
     from fourbit.config import validate
+    from fourbit.outputs import StagedDir, check_output
 
     a = validate(QuantizeArgs(model=str(model), output=str(output), **options))
-    quant, double_quant, blocksize, rounding, overwrite = a.quant, a.double_quant, a.blocksize, a.rounding, a.overwrite
     dtype = parse_dtype(a.dtype)
     report = QuantizeReport(baseline_rss_bytes=peak_rss_bytes())
     t0 = time.perf_counter()
+    out = check_output(output, {"MODEL": model})
     src = resolve_source(model)
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace its files")
-    if src.is_file():  # GGUF: transformers dequantizes it whole; quantize from memory
-        return _quantize_gguf_checkpoint(src, out, quant, double_quant, blocksize, dtype, report, t0)
+    out = check_output(out, {"MODEL": src})  # a hub id or embedded name: the directory it names
+    staged = StagedDir(out)
+    note = staged.recover()
+    report.notes += [note] if note else []
+    check_replaceable(out, a.overwrite)
+    work = staged.begin()
+    try:
+        if src.is_file():  # GGUF: transformers dequantizes it whole; quantize from memory
+            _quantize_gguf_checkpoint(src, work, a.quant, a.double_quant, a.blocksize, dtype, report)
+        else:
+            _quantize_safetensors(src, work, a, dtype, report)
+        write_marker(work, "fourbit quantize")
+        staged.commit()
+    except BaseException:
+        staged.abort()  # the output directory is as it was
+        raise
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report
+
+
+def _quantize_safetensors(src: Path, out: Path, a: QuantizeArgs, dtype, report: QuantizeReport) -> None:
+    from safetensors.torch import save_file
+
+    from fourbit.files import read_json_file
+
     config = load_config(src)
     if getattr(config, "quantization_config", None) is not None:
         raise UserError(f"{src} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
@@ -160,57 +190,98 @@ def quantize_checkpoint(model: str | os.PathLike, output: str | os.PathLike, **o
     linear = set(find_linear_names(skeleton))
     prefix = getattr(skeleton, "base_model_prefix", "")
     rename = key_renamer(skeleton)
-    keys = set(skeleton.state_dict().keys())
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}  # what config.json implies
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    optional = {f"{n}.weight" for n in output_embedding_names(skeleton)} if tied else set()
     from tqdm.auto import tqdm
 
     tensors: dict[str, torch.Tensor] = {}
-    state_dtype = None
+    seen, state_dtype = set(), None
     for key, t in tqdm(iter_checkpoint(src), total=len(checkpoint_keys(src)), desc="quantizing", unit="tensor"):
         report.tensors += 1
         nbytes = t.numel() * t.element_size()
         report.bytes_in += nbytes
         report.largest_tensor_bytes = max(report.largest_tensor_bytes, nbytes)
-        name = resolve_key(keys, rename(key), prefix) or key
+        name = resolve_key(set(expected), rename(key), prefix)
+        if name is not None:  # a tensor the architecture has: its shape must be the one config.json implies
+            check_shape(key, t.shape, expected[name], src)
+            seen.add(name)
+        name = name or key
         mod_name, _, leaf = name.rpartition(".")
         if mod_name in linear and leaf == "weight":
             w = t.to(dtype) if dtype is not None else t
             state_dtype = w.dtype
-            packed, state = quantize_4bit(w, quant, blocksize, double_quant, rounding=rounding)
+            try:
+                packed, state = quantize_4bit(w, a.quant, a.blocksize, a.double_quant, rounding=a.rounding)
+            except ValueError:
+                check_finite(key, w, src)  # the codec refuses NaN/Inf: name the tensor and the model
+                raise
             tensors[key] = packed
             tensors.update({k: v.contiguous() for k, v in state.as_dict(key + ".").items()})
             report.quantized += 1
             report.params_quantized += t.numel()
         else:
+            check_finite(key, t, src)
             tensors[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
         del t
+    missing = sorted(set(expected) - seen - optional)
+    if missing:
+        raise UserError(f"{src}: the checkpoint lacks {len(missing)} tensor(s) its config.json's architecture "
+                        f"needs, e.g. {missing[:3]}; nothing was written")
     if tied:  # one copy of a tied embedding; the loader ties it back
         for k in [k for k in tensors if rename(k).endswith("lm_head.weight")]:
             del tensors[k]
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     report.bytes_out = (out / "model.safetensors").stat().st_size
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_json_file(src / "config.json", "the model's config.json")
     compute = state_dtype or torch.float32
-    cfg["quantization_config"] = bnb_quantization_config(quant, double_quant, compute, bnb_skip_modules(skeleton))
+    cfg["quantization_config"] = bnb_quantization_config(a.quant, a.double_quant, compute, bnb_skip_modules(skeleton))
     if dtype is not None:
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_config(cfg, out)
     _copy_side_files(src, out)
-    report.seconds = time.perf_counter() - t0
-    report.peak_rss_bytes = peak_rss_bytes()
-    return report
 
 
-def _quantize_gguf_checkpoint(src, out, quant, double_quant, blocksize, dtype, report, t0):
+def _quantize_gguf_checkpoint(src, out, quant, double_quant, blocksize, dtype, report) -> None:
     model, tok, _ = load_gguf(src, None, double_quant, dtype or torch.float32, torch.device("cpu"), blocksize, True)
     report.params_quantized = sum(model.get_submodule(n).weight.numel() for n in find_linear_names(model))
     report.quantized = quantize_linears(model, quant, double_quant, dtype or torch.float32, blocksize)
     skip = bnb_skip_modules(model)
     save_model(model, out, tok, bnb_quantization_config(quant, double_quant, dtype or torch.float32, skip))
     report.bytes_out = (out / "model.safetensors").stat().st_size
-    report.seconds = time.perf_counter() - t0
-    report.peak_rss_bytes = peak_rss_bytes()
-    return report
+
+
+# -- what a model output directory may hold ----------------------------------------------------------
+# The files fourbit writes into a model directory (quantize, merge): the model, its config, the
+# tokenizer (as save_pretrained writes it), merge's report and GGUF file, the marker, and their
+# temporary names.
+MODEL_OUTPUT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "merge_report.json",
+                                MARKER, "added_tokens.json", *TOKENIZER_FILES})
+_MODEL_TMP = re.compile(r"^(model-[a-z0-9_]+\.gguf|\.model\.safetensors\.tmp|\.model-[a-z0-9_]+\.gguf\.tmp|"
+                        r"\.[\w.-]+\.tmp)$")
+WRITERS = ("fourbit quantize", "fourbit merge")
+
+
+def is_model_output_file(p: Path) -> bool:
+    return p.is_file() and (p.name in MODEL_OUTPUT_FILES or bool(_MODEL_TMP.match(p.name)))
+
+
+def is_model_output(directory: Path) -> bool:
+    """A model fourbit wrote: its marker, or (merges from before the marker) a merge_report.json. A
+    quantized model from before the marker cannot be told from one downloaded from the hub, so it
+    is not recognised: the user deletes it."""
+    who = marker_of(directory)
+    return who in WRITERS or (who is None and not (directory / MARKER).exists()
+                              and (directory / "merge_report.json").is_file())
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `out` unless --overwrite and it is a model fourbit wrote (fourbit.outputs)."""
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace a model fourbit wrote "
+                        f"there, or choose another directory")
+    refuse_unless_own(out, is_model_output_file, is_model_output, "a model fourbit wrote (quantize or merge)")

@@ -133,8 +133,10 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """Load a PEFT-format LoRA adapter into `model` (adding LoRA layers if it has none)."""
+def check_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(its config, its tensors) after every check that needs no model: the config, the weights file
+    (header against size), floating-point and finite values. Commands call it before a model loads,
+    so a corrupt adapter costs a second, not the minutes of a model load."""
     d = Path(directory)
     cfg = read_adapter_config(d)
     weights = d / WEIGHTS_NAME
@@ -142,7 +144,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         extra = " (adapter_model.bin is a pickle, which fourbit never loads; re-save it as safetensors)" \
             if (d / "adapter_model.bin").exists() else ""
         raise UserError(f"{d} has no {WEIGHTS_NAME}{extra}")
-    tensors = _read_weights(weights)
+    return cfg, _read_weights(weights)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into `model` (adding LoRA layers if it has none)."""
+    d = Path(directory)
+    cfg, tensors = check_adapter(d)
     if not lora_modules(model):  # validate against the layers add_lora would create, then create them
         _check_against_model(model, tensors, cfg, d)
         add_lora(model, r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

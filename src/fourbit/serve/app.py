@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fourbit.errors import UserError
+from fourbit.errors import UserError, redact
 from fourbit.serve import protocol
 from fourbit.serve.protocol import ApiError, GenerationRequest
 from fourbit.serve.scheduler import Scheduler
@@ -291,7 +291,7 @@ def create_app(scheduler: Scheduler, tokenizer, base_name: str, *, limits: Limit
             try:
                 text = "".join([p async for p in run.pieces()])
             except RuntimeError as e:
-                raise ApiError(500, str(e)) from None
+                raise ApiError(500, redact(str(e), [api_key])) from None
             finally:
                 watch.cancel()
                 run.cancel()
@@ -320,7 +320,7 @@ def create_app(scheduler: Scheduler, tokenizer, base_name: str, *, limits: Limit
                                 "usage": use})
                 yield "data: [DONE]\n\n"
             except RuntimeError as e:  # the engine failed or the adapter was unloaded mid-answer
-                yield _sse(ApiError(500, str(e)).body())
+                yield _sse(ApiError(500, redact(str(e), [api_key])).body())
             finally:
                 watch.cancel()
                 run.cancel()

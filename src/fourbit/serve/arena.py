@@ -59,8 +59,10 @@ class Arena:
                  orderings: int = 10_000):
         from fourbit.eval.judge import read_answers
         from fourbit.generate import read_prompts
+        from fourbit.outputs import check_output
 
-        self.path = Path(judgments)
+        inputs = {f"--arena {src}": src for src in sources if not src.startswith(LIVE)}
+        self.path = check_output(judgments, {**inputs, "--questions": questions}, "file", flag="--judgments")
         self.orderings = orderings  # Elo orderings on the leaderboard: `fourbit elo`'s default, same numbers
         self.questions: dict[str, str] = dict(read_prompts(questions)) if questions else {}
         self.answers: dict[str, dict[str, str]] = {}  # system -> question id -> answer text
@@ -123,7 +125,11 @@ class Arena:
             except json.JSONDecodeError:
                 skipped += 1
                 continue
-            if not isinstance(row, dict) or not row.get("rater"):
+            if not isinstance(row, dict) or not {"question_id", "first", "second"} <= set(row):
+                raise UserError(f"{self.path}: holds a line that is not a judgment ({line[:60]!r}); --judgments must "
+                                f"be a new file or a judgments file (the arena's or fourbit judge's), which the "
+                                f"arena appends to")
+            if not row.get("rater"):
                 continue  # another judge's row: it counts on the leaderboard, not as a rater's progress
             i = self.index.get((str(row.get("question_id")), frozenset((row.get("first"), row.get("second")))))
             if i is not None:
