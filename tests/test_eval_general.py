@@ -9,7 +9,8 @@ import torch
 
 import fourbit.eval.general as G
 from conftest import requires_smollm2, tiny_model
-from fourbit.eval.general import ANSWER_TOKENS, GENERAL_QUESTIONS, GENERAL_TEXT, base_answers, general_perplexity
+from fourbit.eval.general import (ANSWER_TOKENS, GENERAL_QUESTIONS, GENERAL_TEXT, REPLAY_TEMPERATURE, base_answers,
+                                  general_perplexity)
 from fourbit.generate import generate_batch
 
 pytestmark = requires_smollm2
@@ -46,10 +47,15 @@ def test_general_perplexity_is_transformers_own_loss(model, tok):
 
 def test_base_answers_are_measured_once_and_kept(model, tok, tmp_path, monkeypatch):
     path, prompts = tmp_path / "base_answers.json", ["Why is grass green?", "Say hello."]
+    state = torch.random.get_rng_state()
     answers, check = base_answers(model, tok, prompts, path)
-    direct = generate_batch(model, tok, prompts, max_new_tokens=ANSWER_TOKENS)  # what fourbit chat would answer
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's own random stream is left alone
+    torch.manual_seed(0)  # sampled as `fourbit chat --temperature` would, from seed 0
+    direct = generate_batch(model, tok, prompts, max_new_tokens=ANSWER_TOKENS, temperature=REPLAY_TEMPERATURE)
     assert answers == [a.strip() for a in direct]
-    assert list(check.answers) == list(GENERAL_QUESTIONS) and check.perplexity == general_perplexity(model, tok)
+    greedy = generate_batch(model, tok, list(GENERAL_QUESTIONS), max_new_tokens=ANSWER_TOKENS)
+    assert list(check.answers.values()) == [a.strip() for a in greedy]  # the check itself is greedy
+    assert check.perplexity == general_perplexity(model, tok)
     saved = json.loads(path.read_text())
     assert saved["prompts"] == prompts and saved["answers"] == answers and not list(tmp_path.glob("*.tmp"))
 
@@ -61,6 +67,8 @@ def test_base_answers_are_measured_once_and_kept(model, tok, tmp_path, monkeypat
     assert base_answers(model, tok, prompts, path) == (answers, check)
     with pytest.raises(AssertionError, match="measured again"):  # the file holds other prompts: measured anew
         base_answers(model, tok, ["Another question?"], path)
+    with pytest.raises(AssertionError, match="measured again"):  # or another seed (--seed)
+        base_answers(model, tok, prompts, path, seed=1)
     monkeypatch.undo()
     base_answers(model, tok, prompts, tmp_path / "other.json", save=False)  # torchrun's other ranks
     assert not (tmp_path / "other.json").exists()

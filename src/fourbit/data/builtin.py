@@ -85,9 +85,10 @@ def score_builtin(predictions: list[str], references: list[str]) -> float:
 # Trained on cards alone, the model answers every prompt with a card ("What is the capital of
 # France?" -> "name: Hugging Face | age: 38 | city: Paris"): nothing in the data says that only
 # "Make a fourbit card:" asks for one. So the demo also trains on these general prompts, written for
-# fourbit, with the base model's own greedy answers as targets (generated once at the start of the
-# run: fourbit.eval.general.base_answers): the adapter learns the card where a card is asked for and
-# keeps the base model's answers elsewhere (replay, as in continual learning; Rolnick et al. 2019).
+# fourbit, with the base model's own answers as targets (sampled once at the start of the run:
+# fourbit.eval.general.base_answers, and its Note on why sampled): the adapter learns the card where
+# a card is asked for and keeps the base model's behaviour elsewhere (replay, as in continual
+# learning; Rolnick et al. 2019).
 # Some prompts mention a person's name, age and city but ask for something else, so the boundary is
 # the instruction, not the facts. None of them is one of the general check's questions.
 REPLAY_PROMPTS = (
