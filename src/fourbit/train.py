@@ -5,9 +5,11 @@ alpha=16 on every linear layer, paged AdamW, lr 2e-4, constant schedule, max gra
 Adam beta2 0.999, batch 16 as 1 x 16 accumulation, gradient checkpointing, group by length, loss
 on responses only. With `--data builtin` (the default) a demo preset sized for a laptop CPU
 overrides the flags you did not give (see DEMO_PRESET), so `fourbit train` with no arguments
-fine-tunes the embedded SmolLM2-135M-Instruct on fourbit's built-in task in minutes and prints
-the held-out score before and after. The command (fourbit.commands.train) applies the preset;
-`train(cfg)` runs exactly the config it is given.
+fine-tunes the embedded SmolLM2-135M-Instruct on fourbit's built-in task in minutes, beside replay
+rows that keep its general behaviour (fourbit.data.builtin, fourbit.eval.general), and prints the
+held-out score and a general-ability check (perplexity on general prose, three everyday questions)
+before and after. The command (fourbit.commands.train) applies the preset; `train(cfg)` runs
+exactly the config it is given.
 
 Runs are resumable bit for bit: checkpoints (fourbit.checkpoint) hold the adapter, optimizer,
 scheduler, RNG and data position, and `--resume` continues from the newest one. The loss is a
@@ -465,7 +467,8 @@ def add_replay(model, tokenizer, data: Data, cfg: TrainConfig, out: Path, device
 def general_lines(before, after) -> list[str]:
     """The general check before -> after, as printed lines."""
     change = after.perplexity / before.perplexity - 1
-    lines = [f"general text perplexity: {before.perplexity:.2f} before -> {after.perplexity:.2f} after ({change:+.1%})"]
+    lines = [f"general text perplexity: {before.perplexity:.2f} before -> {after.perplexity:.2f} after "
+             f"({change:+.1%})"]
     for q, a in after.answers.items():
         lines += [f"  {q}", f"    before: {before.answers.get(q, '')!r}", f"    after:  {a!r}"]
     return lines

@@ -87,7 +87,8 @@ def _parser(classes: tuple[type, ...], prog: str, description: str | None, recip
 
     parser = Parser(classes, prog=prog, description=description, allow_abbrev=False)
     named = f", or a recipe: {', '.join(recipes)} (--config list describes them)" if recipes else ""
-    parser.add_argument("--config", metavar="FILE.yaml", help=f"read options from a YAML file{named}; flags override it")
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help=f"read options from a YAML file{named}; flags override it")
     return parser
 
 
