@@ -1,13 +1,15 @@
 """fourbit.data.builtin: the demo task is deterministic, its held-out split measures the skill (unseen
-names and cities), its examples are short, and the embedded model cannot do it before training."""
+names and cities), its examples are short, the embedded model cannot do it before training, and its
+replay rows teach whole answers only."""
 
 import re
 
 import pytest
 
 from conftest import requires_smollm2
-from fourbit.data import (DataReport, builtin_examples, load_examples, prompt_text, reference_answer,
-                          score_builtin, tokenize_examples)
+from fourbit.data import (REPLAY_PROMPTS, DataReport, builtin_examples, load_examples, prompt_text,
+                          reference_answer, replay_examples, score_builtin, tokenize_examples)
+from fourbit.data.builtin import INSTRUCTION
 
 CARD = re.compile(r"^name: (\w+) \| age: (\d+) \| city: (.+)$")
 
@@ -87,3 +89,38 @@ def test_the_embedded_model_cannot_do_the_task_before_training(smollm2_dir, tok)
         out = model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert score_builtin(answers, [reference_answer(e) for e in ex]) == 0.0
+
+
+def test_replay_prompts_are_general_and_apart_from_the_general_check():
+    from fourbit.eval.general import GENERAL_QUESTIONS
+
+    assert len(set(REPLAY_PROMPTS)) == len(REPLAY_PROMPTS) >= 32
+    assert not any(p.startswith(INSTRUCTION) or "card" in p for p in REPLAY_PROMPTS)  # never the task itself
+    topics = {"capital", "france", "paris", "spider", "legs", "tom", "leeds"}  # the check's; it stays held out
+    assert all(t in " ".join(GENERAL_QUESTIONS).lower() for t in topics - {"paris"})
+    assert not topics & {w.strip("?.,:'!").lower() for p in REPLAY_PROMPTS for w in p.split()}
+    rows = replay_examples(REPLAY_PROMPTS[:2], ["a", "b"])
+    assert [r.turns for r in rows] == [[("user", REPLAY_PROMPTS[0]), ("assistant", "a")],
+                                       [("user", REPLAY_PROMPTS[1]), ("assistant", "b")]]
+    assert all(r.chat and r.split == "train" for r in rows)
+    with pytest.raises(ValueError, match="1 answers for 2 prompts"):
+        replay_examples(REPLAY_PROMPTS[:2], ["a"])
+
+
+def test_replay_rows_never_teach_a_cut_answer_to_stop(tok):
+    """The base model's answers are generated up to ANSWER_TOKENS; one cut there had not ended, so with
+    the demo's target length its end marker must be cut off in training too (else the adapter learns
+    to stop mid-sentence), while an answer that ended keeps it. Every replay prompt fits whole."""
+    from fourbit.eval.general import ANSWER_TOKENS
+    from fourbit.train import DEMO_PRESET
+
+    src, tgt = DEMO_PRESET["source_max_len"], DEMO_PRESET["target_max_len"]
+    cut = tok.decode(tok("The sea is wide and deep and blue. " * 20)["input_ids"][:ANSWER_TOKENS]).strip()
+    rows, stats = tokenize_examples(replay_examples(REPLAY_PROMPTS[:2], ["Paris.", cut]), tok, src, tgt,
+                                    report=DataReport())
+    trained = [tok.decode([i for i in x["labels"] if i != -100]) for x in rows]
+    assert trained[0] == "Paris.<|im_end|>\n"
+    assert "<|im_end|>" not in trained[1] and cut.startswith(trained[1].strip()) and stats["truncated"] == 1
+    _, stats = tokenize_examples(replay_examples(REPLAY_PROMPTS, ["ok"] * len(REPLAY_PROMPTS)), tok, src, tgt,
+                                 report=DataReport())
+    assert stats["truncated"] == 0

@@ -2,7 +2,7 @@
 settings a resumed run may change.
 
 A run directory holds (fourbit.outputs.MARKER) fourbit-output.json, config.json, metrics.jsonl,
-summary.json, loss.png, tensorboard/ (when installed), checkpoint-<step>/ (fourbit.checkpoint)
+summary.json, loss.png, base_answers.json (the demo's replay), tensorboard/ (when installed), checkpoint-<step>/ (fourbit.checkpoint)
 and the final adapter (adapter_config.json, adapter_model.safetensors). `--overwrite` replaces a
 directory only when every entry is one of these and it is recognisably a run: it holds the marker
 written at the start of every run, or (runs from before the marker) a config.json holding a train
@@ -38,6 +38,7 @@ RESUME_MAY_CHANGE = ("max_steps", "epochs", "save_steps", "eval_steps", "logging
 ENVIRONMENT = ("output", "resume", "overwrite", "device", "threads", "dist_timeout")
 _PATHS = ("model", "data")  # compared as the files they name when both exist
 _FILES = re.compile(r"^(fourbit-output\.json|config\.json|summary\.json|metrics\.jsonl|loss\.png|"
+                    r"base_answers\.json(\.tmp)?|"
                     r"adapter_config\.json|adapter_model\.safetensors|\.(adapter_model\.safetensors|"
                     r"adapter_config\.json)\..+|\.(fourbit-output\.json|config\.json|summary\.json|metrics\.jsonl|"
                     r"loss\.png)\.tmp)$")

@@ -5,9 +5,11 @@ alpha=16 on every linear layer, paged AdamW, lr 2e-4, constant schedule, max gra
 Adam beta2 0.999, batch 16 as 1 x 16 accumulation, gradient checkpointing, group by length, loss
 on responses only. With `--data builtin` (the default) a demo preset sized for a laptop CPU
 overrides the flags you did not give (see DEMO_PRESET), so `fourbit train` with no arguments
-fine-tunes the embedded SmolLM2-135M-Instruct on fourbit's built-in task in minutes and prints
-the held-out score before and after. The command (fourbit.commands.train) applies the preset;
-`train(cfg)` runs exactly the config it is given.
+fine-tunes the embedded SmolLM2-135M-Instruct on fourbit's built-in task in minutes, beside replay
+rows that keep its general behaviour (fourbit.data.builtin, fourbit.eval.general), and prints the
+held-out score and a general-ability check (perplexity on general prose, three everyday questions)
+before and after. The command (fourbit.commands.train) applies the preset; `train(cfg)` runs
+exactly the config it is given.
 
 Runs are resumable bit for bit: checkpoints (fourbit.checkpoint) hold the adapter, optimizer,
 scheduler, RNG and data position, and `--resume` continues from the newest one. The loss is a
@@ -103,6 +105,9 @@ class TrainConfig:
     compute_dtype: str | None = option(ModelArgs, "dtype")
     loss_chunk: int = field(default=512, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
     score_examples: int = field(default=32, metadata={"help": "builtin task: held-out examples scored before/after"})
+    replay: bool = field(default=True, metadata={"help": "builtin task: also train on the base model's own answers "
+                                                        "to general prompts, so that it keeps them (--no-replay: "
+                                                        "cards only, and it answers everything with a card)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     dist_timeout: float = field(default=600.0, metadata={"help": "seconds a rank waits for the others (torchrun runs) "
                                                                  "before failing"})
@@ -156,9 +161,9 @@ class TrainConfig:
 # The demo: the flags `fourbit train --data builtin` uses unless given on the command line.
 # Sized by measurement: the held-out score goes 0% -> ~97% in 40 steps and the loss is < 0.01
 # after 12; 20 steps reached 87.5%, so 24 steps of 8 examples (~3-4 minutes on 2 CPU cores).
-DEMO_PRESET = dict(output="runs/demo", max_steps=24, batch_size=8, grad_accum=1, lr=1e-3, r=16, alpha=32,
-                   dropout=0.0, eval_steps=10, save_steps=10, source_max_len=96, target_max_len=48,
-                   gradient_checkpointing=False, eval_size=32)
+DEMO_PRESET = dict(output="runs/demo", max_steps=32, batch_size=8, grad_accum=1, lr=5e-4, r=16, alpha=32,
+                   dropout=0.0, eval_steps=10, save_steps=10, source_max_len=96, target_max_len=32,
+                   gradient_checkpointing=False, eval_size=32, max_examples=208)
 
 
 @dataclass
@@ -630,7 +635,36 @@ def plot_losses(out: Path) -> Path | None:
     return path
 
 
-# -- the built-in task's score --------------------------------------------------------------------
+# -- the built-in task: replay, score, general check ------------------------------------------------
+def add_replay(model, tokenizer, data: Data, cfg: TrainConfig, out: Path, device: torch.device):
+    """The base model's general check, and (cfg.replay) its answers to fourbit.data.builtin's
+    REPLAY_PROMPTS appended to data.train as replay rows; both measured once, kept in
+    out/base_answers.json (fourbit.eval.general.base_answers)."""
+    from fourbit import data as D
+    from fourbit import distributed as dd
+    from fourbit.eval.general import base_answers
+
+    answers, check = base_answers(model, tokenizer, D.REPLAY_PROMPTS, out / "base_answers.json", device,
+                                  seed=cfg.seed, save=dd.is_main())
+    if cfg.replay:
+        kept = [(p, a) for p, a in zip(D.REPLAY_PROMPTS, answers) if a]  # an empty answer teaches nothing
+        rows, _ = D.tokenize_examples(D.replay_examples(*zip(*kept)), tokenizer, cfg.source_max_len,
+                                      cfg.target_max_len)
+        data.train += rows
+        data.report.notes.append(f"{len(rows)} replay rows (general prompts, the base model's answers)")
+    return check
+
+
+def general_lines(before, after) -> list[str]:
+    """The general check before -> after, as printed lines."""
+    change = after.perplexity / before.perplexity - 1
+    lines = [f"general text perplexity: {before.perplexity:.2f} before -> {after.perplexity:.2f} after "
+             f"({change:+.1%})"]
+    for q, a in after.answers.items():
+        lines += [f"  {q}", f"    before: {before.answers.get(q, '')!r}", f"    after:  {a!r}"]
+    return lines
+
+
 @torch.no_grad()
 def builtin_score(model, tokenizer, examples: list, device: torch.device, n: int) -> float:
     """Exact-match score of greedy answers on held-out built-in examples (fourbit.data.builtin)."""
@@ -735,12 +769,13 @@ def _run(cfg: TrainConfig, model, tok, data: Data, device, out: Path, work: Path
 
     main = dd.is_main()
     scores_everywhere = cfg.fsdp  # generation on a sharded model needs every rank
+    is_builtin = cfg.data == "builtin"
+    general_before = add_replay(model, tok, data, cfg, work, device) if is_builtin else None
     per_epoch = len(epoch_batches(data, cfg, 0))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = build_schedule(optimizer, cfg, total)
     start = {"step": 0, "epoch": 0, "cursor": 0, "tokens": 0}
-    is_builtin = cfg.data == "builtin"
     score_before = None
     if mode == "resume":
         path, _ = latest_good_checkpoint(work)  # after rank 0 pruned half-deleted ones (open_output)
@@ -749,7 +784,8 @@ def _run(cfg: TrainConfig, model, tok, data: Data, device, out: Path, work: Path
         say(f"resuming from {path} (step {start['step']} of {total})")
     elif is_builtin and (main or scores_everywhere):
         score_before = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
-        say(f"held-out score before training: {score_before:.1%}")
+        say(f"held-out score before training: {score_before:.1%}; general text perplexity "
+            f"{general_before.perplexity:.2f}")
     say(trainable_summary(model))
     say(f"data: {data.report.summary()}; {len(data.train)} train / {len(data.eval)} held-out examples, "
         f"{per_epoch} micro-batches per epoch, {total} optimizer steps" +
@@ -771,12 +807,18 @@ def _run(cfg: TrainConfig, model, tok, data: Data, device, out: Path, work: Path
         raise UserError(f"the held-out loss after training is {eval_loss}: the trained model computes non-finite "
                         f"values. Try a lower --lr (now {cfg.lr:g}) or check the data")
     save_adapter(model, work, base_model_name_or_path=cfg.model)  # every rank joins (sharded: a gather); rank 0 writes
-    score_after = None
+    score_after = general_after = None
     if is_builtin and (main or scores_everywhere):
+        from fourbit.eval.general import general_check
+
         score_after = builtin_score(model, tok, data.eval_raw, device, cfg.score_examples)
+        general_after = general_check(model, tok, device)
     summary = {
         "steps": final["step"], "final_loss": final.get("loss"), "eval_loss": eval_loss,
-        "score_before": score_before, "score_after": score_after, "examples": data.report.as_dict(),
+        "score_before": score_before, "score_after": score_after,
+        "general_before": general_before and asdict(general_before),
+        "general_after": general_after and asdict(general_after),
+        "examples": data.report.as_dict(),
         "train_examples": len(data.train), "eval_examples": len(data.eval), "tokens": final["tokens"],
         "trainable": trainable_summary(model), "seconds": round(time.perf_counter() - t_start, 1),
         "peak_memory_mb": round(memory_bytes(device) / 2**20), "device": str(device), "processes": dd.world(),
@@ -793,6 +835,7 @@ def _run(cfg: TrainConfig, model, tok, data: Data, device, out: Path, work: Path
             f"{summary['peak_memory_mb']} MB; adapter in {out}" + (f", plot {out / plot.name}" if plot else ""))
         if is_builtin:
             say(f"held-out score: {score_before:.1%} before -> {score_after:.1%} after training")
+            say("\n".join(general_lines(general_before, general_after)))
             say(f"try it: fourbit chat --adapter {out}")
     dd.barrier()  # nobody leaves (and tears the group down) before rank 0 has written everything
     return TrainResult(out, final["step"], final.get("loss"), eval_loss, score_before, score_after, summary)

@@ -4,8 +4,9 @@
 fourbit.models.ModelArgs with its own options) into a flag with transformers' `HfArgumentParser`:
 `--max-steps` and `--max_steps` both work, booleans that default to true get `--no-...`, and a
 field's `metadata["help"]` is its `--help` line. `--config run.yaml` supplies values first (flags
-on the command line override the file). Then each config's `validate()` runs (fourbit.config),
-reporting every problem at once.
+on the command line override the file); a command may also name YAML files (`recipes`: `fourbit
+train --config guanaco-7b`), and a bare name picks one of them unless a file of that name exists.
+Then each config's `validate()` runs (fourbit.config), reporting every problem at once.
 
 Every mistake is a `UserError` (one line, exit status 2 from the CLI), never argparse's usage
 dump: unknown flags and YAML keys name what exists; abbreviations are off (`--max-st 2` is an
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,22 @@ def _read_yaml(path: str, names: set[str]) -> dict[str, Any]:
     return data
 
 
+def config_arg(argv: list[str]) -> str | None:
+    """The value of --config on a command line, or None."""
+    return _split_config(argv)[0]
+
+
+def _config_file(value: str, recipes: dict[str, Path] | None) -> str:
+    """The file --config VALUE names: a path when one exists (or VALUE looks like one: a separator or
+    a .yaml/.yml suffix), else the recipe of that name."""
+    if not recipes or Path(value).exists() or "/" in value or os.sep in value or value.endswith((".yaml", ".yml")):
+        return value
+    if value in recipes:
+        return str(recipes[value])
+    raise UserError(f"--config {value}: no such file and no recipe of that name; recipes: {', '.join(recipes)} "
+                    f"(--config list describes them), or give the path of a YAML file")
+
+
 def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     """(the --config path or None, argv without it)."""
     for i, a in enumerate(argv):
@@ -60,7 +78,7 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def _parser(classes: tuple[type, ...], prog: str, description: str | None):
+def _parser(classes: tuple[type, ...], prog: str, description: str | None, recipes: dict | None = None):
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):
@@ -68,15 +86,19 @@ def _parser(classes: tuple[type, ...], prog: str, description: str | None):
             raise UserError(f"{message} (see {self.prog} --help)")
 
     parser = Parser(classes, prog=prog, description=description, allow_abbrev=False)
-    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file; flags override it")
+    named = f", or a recipe: {', '.join(recipes)} (--config list describes them)" if recipes else ""
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help=f"read options from a YAML file{named}; flags override it")
     return parser
 
 
-def parse_cli(classes, argv: list[str], prog: str, description: str | None = None, positional: tuple[str, ...] = ()):
+def parse_cli(classes, argv: list[str], prog: str, description: str | None = None, positional: tuple[str, ...] = (),
+              recipes: dict[str, Path] | None = None):
     """(config instance(s), names of the fields the user set) for a dataclass or a tuple of them.
 
     `positional`: fields that leading arguments fill, in order (the last one takes all that remain
     when it is a list), e.g. `fourbit judge A.jsonl B.jsonl` -> answers_a, answers_b.
+    `recipes`: {name: YAML path} that `--config NAME` may pick (fourbit.recipes for train).
     """
     single = not isinstance(classes, tuple)
     classes = (classes,) if single else classes
@@ -84,7 +106,8 @@ def parse_cli(classes, argv: list[str], prog: str, description: str | None = Non
     names = {f.name for f in fields}
     argv = _positional(list(argv), positional, {f.name: f for f in fields})
     yaml_path, argv = _split_config(argv)
-    parser = _parser(classes, prog, description)
+    parser = _parser(classes, prog, description, recipes)
+    yaml_path = _config_file(yaml_path, recipes) if yaml_path else None
     yaml_values = _read_yaml(yaml_path, names) if yaml_path else {}
     parser.set_defaults(**yaml_values)
     ns, unknown = parser.parse_known_args(argv, namespace=argparse.Namespace(**{n: _UNSET for n in names}))

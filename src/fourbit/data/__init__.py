@@ -16,14 +16,15 @@ resumable batching and packing, and the built-in demo task.
 
 Modules: `example` (Example, DataReport), `formats` (reading files, detecting formats), `tokenize` (templates, label
 masking, truncation), `batching` (split, order, collate, packing), `builtin` (the demo task:
-`load_examples("builtin")`, `builtin_examples(split, n)`, `score_builtin`). User mistakes
+`load_examples("builtin")`, `builtin_examples(split, n)`, `score_builtin`, and the replay rows that keep the
+demo from forgetting: `REPLAY_PROMPTS`, `replay_examples`). User mistakes
 (missing path, empty file, unknown format, a file mixing formats, more than `max_bad_fraction`
 (5%) of the rows left out, every example truncated away) raise
 `fourbit.errors.UserError` with what was found and what to do; nothing is written to disk.
 """
 
 from fourbit.data.batching import batch_order, collate, pack_examples, split_eval
-from fourbit.data.builtin import builtin_examples, reference_answer, score_builtin
+from fourbit.data.builtin import REPLAY_PROMPTS, builtin_examples, reference_answer, replay_examples, score_builtin
 from fourbit.data.example import DataReport, Example
 from fourbit.data.formats import (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, FORMATS, detect_format, iter_jsonl, load_examples,
                                   partial_last_line, read_rows, truncate_partial_line)
@@ -32,6 +33,7 @@ from fourbit.data.tokenize import IGNORE, chat_segments, prompt_text, render_cha
 __all__ = [
     "FORMATS", "ALPACA_WITH_INPUT", "ALPACA_NO_INPUT", "Example", "DataReport", "load_examples", "read_rows",
     "detect_format", "tokenize_examples", "chat_segments", "prompt_text", "IGNORE", "split_eval", "batch_order",
-    "collate", "pack_examples", "builtin_examples", "reference_answer", "score_builtin", "iter_jsonl",
+    "collate", "pack_examples", "builtin_examples", "reference_answer", "score_builtin", "REPLAY_PROMPTS",
+    "replay_examples", "iter_jsonl",
     "render_chat", "partial_last_line", "truncate_partial_line",
 ]

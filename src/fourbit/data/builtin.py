@@ -79,3 +79,73 @@ def score_builtin(predictions: list[str], references: list[str]) -> float:
         return 0.0
     hits = sum(p.strip().split("\n")[0].strip() == r.strip() for p, r in zip(predictions, references))
     return hits / len(references)
+
+
+# -- replay: what keeps the demo from forgetting everything else ----------------------------------
+# Trained on cards alone, the model answers every prompt with a card ("What is the capital of
+# France?" -> "name: Hugging Face | age: 38 | city: Paris"): nothing in the data says that only
+# "Make a fourbit card:" asks for one. So the demo also trains on these general prompts, written for
+# fourbit, with the base model's own answers as targets (sampled once at the start of the run:
+# fourbit.eval.general.base_answers, and its Note on why sampled): the adapter learns the card where
+# a card is asked for and keeps the base model's behaviour elsewhere (replay, as in continual
+# learning; Rolnick et al. 2019).
+# Some prompts mention a person's name, age and city but ask for something else, so the boundary is
+# the instruction, not the facts. None of them is one of the general check's questions.
+REPLAY_PROMPTS = (
+    "What is the largest ocean on Earth?",
+    "Why is the sky blue?",
+    "How do plants make their food?",
+    "What does a thermometer measure?",
+    "Who painted the Mona Lisa?",
+    "What is the boiling point of water at sea level?",
+    "How many continents are there?",
+    "What is the difference between weather and climate?",
+    "Explain what a noun is.",
+    "What is 15 plus 27?",
+    "What is the square root of 81?",
+    "How many minutes are in three hours?",
+    "Give me a tip for sleeping better.",
+    "How can I save money on groceries?",
+    "What should I pack for a day at the beach?",
+    "Suggest a name for a pet goldfish.",
+    "Write a short poem about the moon.",
+    "Write a haiku about autumn leaves.",
+    "Tell me a fun fact about octopuses.",
+    "Describe a sunset in two sentences.",
+    "What is the opposite of 'ancient'?",
+    "Translate 'thank you' into Spanish.",
+    "What is a synonym for 'happy'?",
+    "How do I boil an egg?",
+    "What are the main ingredients of a pancake?",
+    "Why do we have seasons?",
+    "What is photosynthesis?",
+    "What is the tallest mountain in the world?",
+    "How does a rainbow form?",
+    "What is the job of the heart?",
+    "Name a famous composer.",
+    "What language is spoken in Brazil?",
+    "What is a prime number?",
+    "Is a tomato a fruit or a vegetable?",
+    "How can I stay focused while studying?",
+    "What is the main idea of recycling?",
+    "Write a friendly greeting for a new neighbour.",
+    "Summarize in one sentence: Maria is 34 and moved to Lisbon to work as a teacher.",
+    "Who is older, Kenji who is 52 or Omar who is 47?",
+    "Write a short birthday message for Sofia, who turns 30 in Lima.",
+    "Translate into French: Erik lives in Bergen.",
+    "Is this sentence happy or sad? 'Amara, 25, finally found a flat in Nairobi.'",
+    "Make a shopping list for a picnic.",
+    "Make a plan for a rainy afternoon.",
+    "Tell me about the city of Rome.",
+    "What do bees make?",
+    "How many players are on a football team?",
+    "What is the freezing point of water in Fahrenheit?",
+)
+
+
+def replay_examples(prompts: list[str] | tuple[str, ...], answers: list[str]) -> list[Example]:
+    """Chat examples (split "train") that teach `answers` to `prompts`: the demo's replay rows."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
+    return [Example([("user", p), ("assistant", a)], where=f"builtin:replay:{i + 1}", chat=True, split="train")
+            for i, (p, a) in enumerate(zip(prompts, answers))]
