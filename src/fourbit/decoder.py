@@ -202,16 +202,12 @@ def _starts(sizes: list[int]) -> list[int]:
 class Decoder:
     """Prefill one request into its cache slot, or decode one token for many slots at once."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2,
-                 head_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2, head_screen: bool = True):
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        head = model.get_output_embeddings()
-        self.head = (head.weight, head.bias)
-        if head_dtype is not None and head_dtype != head.weight.dtype:  # a copy for decoding only
-            self.head = tuple(None if t is None else t.detach().to(head_dtype) for t in self.head)
+        self.head = Head(model.get_output_embeddings(), row_block, head_screen)
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -287,7 +283,7 @@ class Decoder:
     # -- forward -----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, slot: int, ids: list[int], lora: LoraWeights | None = None) -> torch.Tensor:
-        """Run a prompt through the model into cache row `slot`; logits (vocab,) of its last token."""
+        """Run a prompt through the model into cache row `slot`; the final hidden state of its last token."""
         t = len(ids)
         x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # (T, hidden)
         cos, sin = self.cos[:t, None], self.sin[:t, None]  # (T, 1, D)
@@ -308,8 +304,7 @@ class Decoder:
             a = a[0].transpose(0, 1).reshape(t, h_q * d)  # (T, H*D)
             x = x + self._lora(self._linear(projs["o"], a, False), a, li, "o", lora_rows)
             x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, False)
-        x = F.rms_norm(x[-1:], (x.shape[-1],), *self.norm)
-        return self._linear_head(x, decode=False)[0]
+        return F.rms_norm(x[-1:], (x.shape[-1],), *self.norm)  # (1, hidden): the head's input
 
     def _mlp(self, h, li, projs, lora_rows, decode):
         gu = self._lora(self._linear(projs["gate_up"], h, decode), h, li, "gate_up", lora_rows)
@@ -320,7 +315,7 @@ class Decoder:
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], lora_rows) -> torch.Tensor:
         """One new token for each row: token `tokens[i]` at position `positions[i]` of cache row
-        `slots[i]`; lora_rows as in `_lora` (row indices into this batch). Logits (rows, vocab)."""
+        `slots[i]`; lora_rows as in `_lora` (row indices into this batch). Final hidden states (rows, hidden)."""
         n = len(slots)
         n_pad = n if self._all_row_independent() else -(-n // self.row_block) * self.row_block
         ids = torch.tensor(tokens + [tokens[0]] * (n_pad - n), device=self.device)
@@ -348,20 +343,13 @@ class Decoder:
                 torch.bmm(torch.softmax(scores, dim=-1), vc[s, :, start:end], out=out[i])  # (Hkv, G, D)
             x = x + self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows)
             x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True)
-        x = F.rms_norm(x, (x.shape[-1],), *self.norm)
-        logits = self._linear_head(x, decode=True)
-        return logits[:n]
+        return F.rms_norm(x[:n], (x.shape[-1],), *self.norm)
 
-    def _linear_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
-        """Logits (N, vocab) in the model's dtype; while decoding from blocks of exactly row_block rows
-        (Note: Batch invariance)."""
-        (w, b), r = self.head, self.row_block
-        n = x.shape[0]
-        x = x.to(w.dtype)
-        if decode and n % r:
-            x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
-        y = F.linear(x, w, b) if x.shape[0] <= r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
-        return y[:n].to(self.dtype)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(h)
+
+    def greedy(self, h: torch.Tensor) -> list[int]:
+        return self.head.greedy(h)
 
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale cache entries are overwritten by its next prefill."""
@@ -371,6 +359,79 @@ class Decoder:
         if flag is None:
             flag = self._all_ri = all(p.row_independent for projs in self.layers for p in projs.values())
         return flag
+
+
+class Head:
+    """lm_head while decoding: float32 logits for sampling, argmax tokens for greedy rows.
+
+    logits() computes blocks of exactly row_block rows (Note: Batch invariance). greedy() goes
+    through a float16 screen when it can (a CPU with torch's fbgemm/x86 quantized engine):
+
+    # Note: Exact greedy through a float16 screen
+    At SmolLM2's size lm_head (49,152 x 576, float32: 113 MB) costs ~10 ms of a ~55 ms CPU token at
+    batch 1 and ~40 ms of a batch-8 step (four blocks of two rows), bound by reading its weights.
+    fbgemm's float16 linear (weights stored as float16 and widened in registers, activations and
+    sums in float32) reads half the bytes and serves 1 to 8 rows in one pass, computing each row
+    alike (checked: the same bits for a row alone or among others). Rounding a weight to float16
+    moves it by at most 2^-11 of itself (2^-25 when subnormal), and a float32 sum of K products is
+    off by at most ~K 2^-24 of the sum of their magnitudes, so with ||.|| the Euclidean norm
+        |y_j - y16_j| <= (2^-11 + 2 K 2^-24) ||x|| ||w_j|| + 2^-25 ||x||_1 =: e_j   (Cauchy-Schwarz),
+    and the argmax of y is among the tokens with y16_j + e_j >= max_i (y16_i - e_i): a handful. Those
+    are computed again in float32 from the float32 weights and the best is the token, the float32
+    head's argmax up to the last-bit rounding of float32 dot products (the freedom any two float32
+    matmul kernels have). Ties resolve to the lowest token id, as argmax does. The float16 copy
+    costs half the head's memory; tests/test_engine.py checks the bound and the tokens."""
+
+    def __init__(self, linear: nn.Linear, row_block: int, screen: bool):
+        self.weight, self.bias, self.row_block = linear.weight, linear.bias, row_block
+        self.screen = _fp16_screen(linear.weight) if screen else None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, vocab) float32 logits from row blocks of exactly row_block rows."""
+        w, b, r = self.weight, self.bias, self.row_block
+        n = x.shape[0]
+        if n % r:
+            x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
+        y = F.linear(x, w, b) if x.shape[0] == r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
+        return y[:n].float()
+
+    def greedy(self, x: torch.Tensor) -> list[int]:
+        if self.screen is None:
+            return self.logits(x).argmax(dim=-1).tolist()
+        q16, w_norm = self.screen
+        y16 = q16(x)  # (N, vocab), float32 sums of float16 weights
+        if self.bias is not None:
+            y16 = y16 + self.bias
+        k = x.shape[1]
+        scale = x.norm(dim=1, keepdim=True) * (1.01 * (2.0 ** -11 + 2 * k * 2.0 ** -24))  # (N, 1)
+        e = torch.addcmul(x.abs().sum(dim=1, keepdim=True) * (1.01 * 2.0 ** -25), scale, w_norm)  # (N, vocab)
+        floor = (y16 - e).amax(dim=1, keepdim=True)
+        keep = (y16 + e) >= floor  # the argmax of each row's float32 logits is among these
+        out = []
+        for i in range(x.shape[0]):
+            cand = keep[i].nonzero()[:, 0]
+            exact = F.linear(x[i:i + 1], self.weight.index_select(0, cand),
+                             None if self.bias is None else self.bias[cand])
+            out.append(int(cand[exact[0].argmax()]))
+        return out
+
+
+def _fp16_screen(weight: torch.Tensor):
+    """(fbgemm float16 linear over a float16 copy of the weight, ||w_j|| per row), or None where
+    torch has no quantized CPU engine (CUDA, some builds) or the weights overflow float16."""
+    weight = weight.detach()
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or \
+            not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines) or \
+            float(weight.abs().max()) > 6e4:
+        return None
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import float16_dynamic_qconfig
+
+    with torch.no_grad():
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        lin.weight = nn.Parameter(weight, requires_grad=False)  # shared, not copied
+        lin.qconfig = float16_dynamic_qconfig
+        return DynamicLinear.from_float(lin), weight.norm(dim=1)  # (vocab,)
 
 
 def _rope_tables(rotary: nn.Module, max_seq: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,11 +71,11 @@ class Engine:
     max_seq_len: the KV cache's length, prompt + new tokens (default: the model's context, at most
     2048). device: where to run (the model is moved there). row_block: rows per dense matmul call
     while decoding (see Note: Batch invariance in fourbit.decoder; 2 costs a 1-row batch nothing
-    on MKL). head_dtype: e.g. torch.bfloat16 for a copy of lm_head used for decoding (opt-in; see
-    bench/cpu.py for its cost in logit error and time)."""
+    on MKL). head_screen: greedy tokens through an int8 copy of lm_head and a float32 check of the
+    candidates it leaves (see Note: Exact greedy through an int8 screen in fourbit.decoder)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None, device=None,
-                 row_block: int = 2, head_dtype: torch.dtype | None = None):
+                 row_block: int = 2, head_screen: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(row_block, int) or row_block < 1:
@@ -91,7 +91,7 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.fallback_reason = unsupported_reason(model)
         if self.fallback_reason is None:
-            self._backend = Decoder(model, max_batch, max_seq_len, row_block, head_dtype)
+            self._backend = Decoder(model, max_batch, max_seq_len, row_block, head_screen)
         else:
             self._backend = _TransformersBackend(model)
         self.device = model.get_input_embeddings().weight.device
@@ -223,14 +223,14 @@ class Engine:
             req = self._waiting.popleft()
             req.slot = self._free.pop()
             self._running[req.id] = req
-            logits = self._backend.prefill(req.slot, req.prompt, req.lora)
+            hidden = self._backend.prefill(req.slot, req.prompt, req.lora)
             req.length = len(req.prompt)
-            events.append(self._advance(req, self._pick([req], logits[None])[0]))
+            events.append(self._advance(req, self._pick([req], hidden)[0]))
         if rows:
             lora_rows = self._lora_rows(rows)
-            logits = self._backend.decode([r.slot for r in rows], [r.last for r in rows], [r.length for r in rows],
+            hidden = self._backend.decode([r.slot for r in rows], [r.last for r in rows], [r.length for r in rows],
                                           lora_rows)
-            for req, tok in zip(rows, self._pick(rows, logits)):
+            for req, tok in zip(rows, self._pick(rows, hidden)):
                 req.length += 1
                 events.append(self._advance(req, tok))
         return events
@@ -244,13 +244,19 @@ class Engine:
         return [(w, None if len(idx) == len(rows) else torch.tensor(idx, device=self.device))
                 for w, idx in by_adapter.values()]
 
-    def _pick(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
-        """The next token of each row: argmax, or a draw from the row's own generator."""
-        greedy = logits.argmax(dim=-1).tolist()
-        for i, r in enumerate(rows):
-            if r.temperature > 0:
-                greedy[i] = _sample(logits[i], r.temperature, r.top_p, r.generator)
-        return greedy
+    def _pick(self, rows: list[_Request], hidden: torch.Tensor) -> list[int]:
+        """The next token of each row: the argmax, or a draw from the row's own generator."""
+        greedy = [i for i, r in enumerate(rows) if r.temperature == 0]
+        sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+        out = [0] * len(rows)
+        if greedy:
+            for i, tok in zip(greedy, self._backend.greedy(hidden[greedy] if sampled else hidden)):
+                out[i] = tok
+        if sampled:
+            logits = self._backend.logits(hidden[sampled])
+            for j, i in enumerate(sampled):
+                out[i] = _sample(logits[j], rows[i].temperature, rows[i].top_p, rows[i].generator)
+        return out
 
     def _advance(self, req: _Request, tok: int) -> TokenEvent:
         req.tokens.append(tok)
@@ -384,7 +390,7 @@ class _TransformersBackend:
     def prefill(self, slot: int, ids: list[int], lora) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
         self.caches[slot] = out.past_key_values
-        return out.logits[0, -1]
+        return out.logits[0, -1:]
 
     @torch.no_grad()
     def decode(self, slots, tokens, positions, lora_rows) -> torch.Tensor:
@@ -398,3 +404,10 @@ class _TransformersBackend:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    # its "hidden states" are the logits already
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float()
+
+    def greedy(self, h: torch.Tensor) -> list[int]:
+        return h.argmax(dim=-1).tolist()
