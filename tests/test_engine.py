@@ -130,8 +130,11 @@ def test_decode_logits_bit_identical_in_any_batch(tiny_dir, tmp_path, quant):
     engine = Engine(model, None, max_batch=8, max_seq_len=64)
     engine.add_adapter("a", _adapter(tmp_path, model, "a", 4, "all-linear", 1))
     dec, lora = engine._backend, engine._adapters["a"]
-    for slot, p in enumerate(PROMPTS):
-        dec.prefill(slot, p, lora if slot % 2 else None)
+    items = [(slot, p, lora if slot % 2 else None) for slot, p in enumerate(PROMPTS)]
+    items.append((5, list(range(30, 52)), lora))  # > 16 rows: the dequantize-once path
+    together = dec.prefill(items)  # the prompts' first tokens: computed together, the same bits as alone
+    for i in (5, 4, 1):
+        assert torch.equal(dec.prefill([items[i]])[0], together[i])
     toks, pos = [3, 4, 5, 6, 7], [len(p) for p in PROMPTS]
     full = dec.decode([0, 1, 2, 3, 4], toks, pos, [(lora, torch.tensor([1, 3]))])
     full_logits, full_greedy = dec.logits(full), dec.greedy(full)

@@ -105,6 +105,23 @@ class _Proj:
         ys = [_q4(x, *part) for part in self.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
+    def many(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[self(x) for x in xs], the same arithmetic, dequantizing each 4-bit matrix at most once."""
+        if self.dense:
+            return [self(x) for x in xs]
+        per_part = []
+        for packed, state, bias in self.parts:
+            w = None
+            ys = []
+            for x in xs:
+                if state is None or x.shape[0] <= SKINNY_MAX_ROWS:
+                    ys.append(_q4(x, packed, state, bias))
+                else:
+                    w = dequantize_weight(packed, state, x.dtype) if w is None else w  # (out, in), scratch
+                    ys.append(F.linear(x, w, bias))
+            per_part.append(ys)
+        return [ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1) for ys in zip(*per_part)]
+
 
 def _q4(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
     if state is None:  # a module
@@ -226,7 +243,7 @@ class Decoder:
             self.windows.append(w if w is not None and w < max_seq else None)
         self.max_batch, self.max_seq = max_batch, max_seq
         shape = (len(self.layers), max_batch, self.n_kv, max_seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kt_cache = torch.zeros(shape, dtype=self.dtype, device=self.device).transpose(3, 4)  # K^T: (.., D, S)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cos, self.sin = _rope_tables(inner.rotary_emb, max_seq, self.dtype, self.device)
         self._probe()
@@ -260,7 +277,7 @@ class Decoder:
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str, lora_rows) -> torch.Tensor:
         """y += per-row LoRA products; lora_rows: [(LoraWeights, row index tensor or None for all rows)]."""
-        for weights, rows in lora_rows:
+        for weights, rows in lora_rows:  # (usually empty: a base-model batch)
             ab = weights.groups[layer].get(group)
             if ab is None:
                 continue
@@ -282,29 +299,43 @@ class Decoder:
 
     # -- forward -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], lora: LoraWeights | None = None) -> torch.Tensor:
-        """Run a prompt through the model into cache row `slot`; the final hidden state of its last token."""
-        t = len(ids)
-        x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # (T, hidden)
-        cos, sin = self.cos[:t, None], self.sin[:t, None]  # (T, 1, D)
-        lora_rows = [(lora, None)] if lora is not None else []
-        h_q, h_kv, d = self.n_heads, self.n_kv, self.head_dim
+    def prefill(self, items: list[tuple[int, list[int], LoraWeights | None]]) -> torch.Tensor:
+        """Run prompts into their cache rows: items are (slot, prompt ids, adapter or None). The final
+        hidden state of each prompt's last token, (len(items), hidden).
+
+        Each prompt is computed on its own (its own matmuls, so its bits do not depend on the others);
+        done together, layer by layer, so that a 4-bit matrix dequantized for one prompt's many rows
+        serves every prompt of the step."""
+        xs = [F.embedding(torch.tensor(ids, device=self.device), self.embed) for _, ids, _ in items]  # (T, hidden)
+        loras = [[(lora, None)] if lora is not None else [] for _, _, lora in items]
         for li, projs in enumerate(self.layers):
             (w1, e1), (w2, e2) = self.norms[li]
-            h = F.rms_norm(x, (x.shape[-1],), w1, e1)
-            qkv = self._lora(self._linear(projs["qkv"], h, False), h, li, "qkv", lora_rows).view(t, -1, d)
-            qk = self._rope(qkv[:, :h_q + h_kv], cos, sin)  # (T, H + Hkv, D)
-            k = qk[:, h_q:].transpose(0, 1)  # (Hkv, T, D)
-            v = qkv[:, h_q + h_kv:].transpose(0, 1)
-            self.k_cache[li, slot, :, :t] = k
-            self.v_cache[li, slot, :, :t] = v
-            mask = _window_mask(t, self.windows[li], self.device)
-            a = F.scaled_dot_product_attention(qk[:, :h_q].transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale, enable_gqa=h_q != h_kv)
-            a = a[0].transpose(0, 1).reshape(t, h_q * d)  # (T, H*D)
-            x = x + self._lora(self._linear(projs["o"], a, False), a, li, "o", lora_rows)
-            x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, False)
-        return F.rms_norm(x[-1:], (x.shape[-1],), *self.norm)  # (1, hidden): the head's input
+            hs = [F.rms_norm(x, (x.shape[-1],), w1, e1) for x in xs]
+            qkvs = [self._lora(y, h, li, "qkv", lr) for y, h, lr in zip(projs["qkv"].many(hs), hs, loras)]
+            attn = [self._attend_prompt(li, slot, qkv) for (slot, _, _), qkv in zip(items, qkvs)]
+            for x, y, a, lr in zip(xs, projs["o"].many(attn), attn, loras):
+                x.add_(self._lora(y, a, li, "o", lr))
+            hs = [F.rms_norm(x, (x.shape[-1],), w2, e2) for x in xs]
+            gus = [self._lora(y, h, li, "gate_up", lr) for y, h, lr in zip(projs["gate_up"].many(hs), hs, loras)]
+            acts = [F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:] for gu in gus]
+            for x, y, a, lr in zip(xs, projs["down"].many(acts), acts, loras):
+                x.add_(self._lora(y, a, li, "down", lr))
+        return torch.cat([F.rms_norm(x[-1:], (x.shape[-1],), *self.norm) for x in xs])  # the head's inputs
+
+    def _attend_prompt(self, li: int, slot: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of one prompt (T, (H + 2 Hkv) * D) -> (T, H * D); fills its cache row."""
+        h_q, h_kv, d = self.n_heads, self.n_kv, self.head_dim
+        t = qkv.shape[0]
+        qkv = qkv.view(t, -1, d)
+        qk = self._rope(qkv[:, :h_q + h_kv], self.cos[:t, None], self.sin[:t, None])  # (T, H + Hkv, D)
+        k = qk[:, h_q:].transpose(0, 1)  # (Hkv, T, D)
+        v = qkv[:, h_q + h_kv:].transpose(0, 1)
+        self.kt_cache[li, slot, :, :, :t] = k.transpose(1, 2)
+        self.v_cache[li, slot, :, :t] = v
+        mask = _window_mask(t, self.windows[li], self.device)
+        a = F.scaled_dot_product_attention(qk[:, :h_q].transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale, enable_gqa=h_q != h_kv)
+        return a[0].transpose(0, 1).reshape(t, h_q * d)  # (T, H*D)
 
     def _mlp(self, h, li, projs, lora_rows, decode):
         gu = self._lora(self._linear(projs["gate_up"], h, decode), h, li, "gate_up", lora_rows)
@@ -330,8 +361,8 @@ class Decoder:
             h = F.rms_norm(x, (x.shape[-1],), w1, e1)
             qkv = self._lora(self._linear(projs["qkv"], h, True), h, li, "qkv", lora_rows).view(n_pad, -1, d)
             qk = self._rope(qkv[:n, :h_q + h_kv], cos, sin)  # (n, H + Hkv, D)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[slot_t, :, pos] = qk[:, h_q:]
+            kt, vc = self.kt_cache[li], self.v_cache[li]
+            kt[slot_t, :, :, pos] = qk[:, h_q:]
             vc[slot_t, :, pos] = qkv[:n, h_q + h_kv:]
             w = self.windows[li]
             q = (qk[:, :h_q] * self.scale).view(n, h_kv, h_q // h_kv, d)  # (n, Hkv, G, D): query h uses kv head h // G
@@ -339,10 +370,10 @@ class Decoder:
             for i in range(n):  # attention per row, over that row's own length (Note: Batch invariance)
                 s, end = slots[i], positions[i] + 1
                 start = 0 if w is None else max(0, end - w)
-                scores = torch.bmm(q[i], kc[s, :, start:end].transpose(1, 2))  # (Hkv, G, L)
+                scores = torch.bmm(q[i], kt[s, :, :, start:end])  # (Hkv, G, L)
                 torch.bmm(torch.softmax(scores, dim=-1), vc[s, :, start:end], out=out[i])  # (Hkv, G, D)
-            x = x + self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows)
-            x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True)
+            x.add_(self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows))
+            x.add_(self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True))
         return F.rms_norm(x[:n], (x.shape[-1],), *self.norm)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -219,13 +219,17 @@ class Engine:
         """Prefill waiting requests into free rows, then one batched decode of the rows running before."""
         rows = list(self._running.values())
         events = []
+        admitted = []
         while self._waiting and self._free:
             req = self._waiting.popleft()
             req.slot = self._free.pop()
             self._running[req.id] = req
-            hidden = self._backend.prefill(req.slot, req.prompt, req.lora)
-            req.length = len(req.prompt)
-            events.append(self._advance(req, self._pick([req], hidden)[0]))
+            admitted.append(req)
+        if admitted:
+            hidden = self._backend.prefill([(r.slot, r.prompt, r.lora) for r in admitted])
+            for req, tok in zip(admitted, self._pick(admitted, hidden)):
+                req.length = len(req.prompt)
+                events.append(self._advance(req, tok))
         if rows:
             lora_rows = self._lora_rows(rows)
             hidden = self._backend.decode([r.slot for r in rows], [r.last for r in rows], [r.length for r in rows],
@@ -387,10 +391,13 @@ class _TransformersBackend:
         self.caches: dict[int, object] = {}
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], lora) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
-        self.caches[slot] = out.past_key_values
-        return out.logits[0, -1:]
+    def prefill(self, items) -> torch.Tensor:
+        logits = []
+        for slot, ids, _ in items:
+            out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
+            self.caches[slot] = out.past_key_values
+            logits.append(out.logits[0, -1])
+        return torch.stack(logits)
 
     @torch.no_grad()
     def decode(self, slots, tokens, positions, lora_rows) -> torch.Tensor:
