@@ -71,8 +71,9 @@ class Engine:
     max_seq_len: the KV cache's length, prompt + new tokens (default: the model's context, at most
     2048). device: where to run (the model is moved there). row_block: rows per dense matmul call
     while decoding (see Note: Batch invariance in fourbit.decoder; 2 costs a 1-row batch nothing
-    on MKL). head_screen: greedy tokens through an int8 copy of lm_head and a float32 check of the
-    candidates it leaves (see Note: Exact greedy through an int8 screen in fourbit.decoder)."""
+    on MKL). head_screen: greedy tokens through a float16 copy of lm_head and a float32 check of the
+    few candidates it leaves, the float32 argmax (see Note: Exact greedy through a float16 screen in
+    fourbit.decoder)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None, device=None,
                  row_block: int = 2, head_screen: bool = True):
