@@ -33,7 +33,7 @@ def build(kind: str, layers: int):
         import bitsandbytes as bb
 
         from fourbit.nn import find_linear_names
-        from fourbit.nn.inject import _set_module
+        from fourbit.nn import set_module
 
         for name in find_linear_names(m):
             lin = m.get_submodule(name)
@@ -41,7 +41,7 @@ def build(kind: str, layers: int):
                                  quant_type="nf4", compress_statistics=True, device="meta")
             q.weight = bb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
                                         compress_statistics=True).to("cuda")
-            _set_module(m, name, q)
+            set_module(m, name, q)
     return m
 
 

@@ -166,7 +166,7 @@ def _pct_copy(ctx, gbs):
 
 def sec_dequant(ctx):
     from fourbit.quant import QuantState, dequantize_4bit, quantize_4bit
-    from fourbit.quant.blockwise import _dequant4_reference
+    from fourbit.quant.blockwise import _dequant4_reference, dequantize_absmax
     from fourbit.quant.kernels import triton_4bit as T
 
     b = bnb()
@@ -179,7 +179,7 @@ def sec_dequant(ctx):
         exact_ref, exact_cpu = [], []
         for odt in (torch.bfloat16, torch.float16, torch.float32):
             got = T.dequantize_4bit(q.view(-1), s, odt)
-            ref = _dequant4_reference(q, s.dequantized_absmax(), s.code, n, s.blocksize, odt).view(shape)
+            ref = _dequant4_reference(q, dequantize_absmax(s), s.code, n, s.blocksize, odt).view(shape)
             exact_ref.append(torch.equal(got, ref))
             exact_cpu.append(torch.equal(got.cpu(), dequantize_4bit(q.cpu(), s.to("cpu"), odt)))
         row("dequant", f"bit-exact {tag}: bf16/fp16/fp32 out vs torch reference", "/".join(map(str, exact_ref)))
@@ -242,7 +242,7 @@ def sec_quant(ctx):
                 diff = int((_nibbles(qb, n) != _nibbles(pk, n)).sum())
                 row("quant", f"{tag} {str(wdt)[6:]}: codes differing from bitsandbytes ({b.__name__} "
                     f"{'CUDA' if ctx.dev == 'cuda' else 'CPU'})", float(diff), note=f"of {n:,}; absmax equal: "
-                    f"{torch.equal(sb.absmax.float(), am)}; SPEC 2: CUDA fast-math flips ~5 in 16.8M for fp32")
+                    f"{torch.equal(sb.absmax.float(), am)}; bitsandbytes CUDA uses fast-math: ~5 in 16.8M flip for fp32")
         w = (torch.randn(shape, device=ctx.dev) * 0.02).to(torch.bfloat16)
         tq = eager_time(lambda: quantize_4bit(w), reps=10)
         tqb = "n/a"
@@ -259,7 +259,7 @@ def sec_gemv(ctx):
 
     from fourbit.nn import Linear4bit
     from fourbit.quant import quantize_4bit
-    from fourbit.quant.blockwise import _dequant4_reference
+    from fourbit.quant.blockwise import _dequant4_reference, dequantize_absmax
     from fourbit.quant.kernels import triton_4bit as T
 
     b = bnb()
@@ -270,7 +270,7 @@ def sec_gemv(ctx):
         q, s = quantize_4bit(w)
         x = torch.randn(1, shape[1], device=ctx.dev).to(torch.bfloat16)
         y = T.gemv_4bit(x, q, s)
-        w64 = _dequant4_reference(q, s.dequantized_absmax(), s.code, n, 64, torch.float64).view(shape)
+        w64 = _dequant4_reference(q, dequantize_absmax(s), s.code, n, 64, torch.float64).view(shape)
         ref = x.double() @ w64.t()  # (1, N)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         err_mm = ((x @ w64.to(torch.bfloat16).t()).double() - ref).norm().item() / ref.norm().item()
@@ -358,7 +358,7 @@ def bnb_quantize_model(ctx, model):
     import bitsandbytes as bb
 
     from fourbit.nn import find_linear_names
-    from fourbit.nn.inject import _set_module
+    from fourbit.nn import set_module
 
     for name in find_linear_names(model):
         lin = model.get_submodule(name)
@@ -366,7 +366,7 @@ def bnb_quantize_model(ctx, model):
                              quant_type="nf4", compress_statistics=True, device="meta")
         q.weight = bb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
                                     compress_statistics=True).to(ctx.dev)
-        _set_module(model, name, q)
+        set_module(model, name, q)
         lin.weight = None
     return model
 

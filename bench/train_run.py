@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fourbit.data import iter_jsonl
+
 GUANACO = Path(__file__).resolve().parents[2] / "shared" / "data" / "guanaco" / "openassistant_best_replies_eval.jsonl"
 CASES = {
     "demo": dict(data="builtin", batch_size=8, r=16, alpha=32, lr=1e-3, source_max_len=96, target_max_len=48,
@@ -41,7 +43,7 @@ def run_fourbit(case: dict, steps: int) -> dict:
         r = subprocess.run(args, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(r.stdout[-2000:] + r.stderr[-2000:])
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [row for _, row in iter_jsonl(Path(tmp) / "run" / "metrics.jsonl")]
         summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
     return {"tokens_per_s": rows[-1]["tokens_per_s"], "peak_mb": summary["peak_memory_mb"], "loss": rows[-1]["loss"]}
 

@@ -26,6 +26,19 @@ requires_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="embedded model mi
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; CI is CPU-only")
 requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"public data folder {SHARED_DATA} is absent")
 
+def bnb_exact(model):
+    """Make a transformers + bitsandbytes 4-bit model compute as the oracle we compare against.
+
+    bitsandbytes 0.50 on a CPU with AVX512-BF16 repacks every Linear4bit's weight into bf16 the
+    first time it runs in eval mode without gradients (`support_avx512bf16_for_cpu`), so its
+    outputs then carry bf16 rounding (~1e-3) and depend on the machine. The oracle is its exact
+    path: dequantize to the quantized dtype and multiply in the compute dtype."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 # Small but structurally complete configs (GQA, several layers, MLP wider than hidden).
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import requires_bnb, requires_peft, tiny_model
+from conftest import bnb_exact, requires_bnb, requires_peft, tiny_model
 from fourbit.errors import UserError
 from fourbit.models import load_model
 from fourbit.nn import add_lora, load_adapter, lora_modules, save_adapter
@@ -33,7 +33,8 @@ def _bnb_peft(path, quant="nf4"):
 
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=torch.float32)
+    return bnb_exact(AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu",
+                                                         dtype=torch.float32))
 
 
 def test_save_layout(tmp_path):
@@ -183,3 +184,83 @@ def test_adapter_for_other_modules(tmp_path):
     model.lin = nn.Linear(64, 64)
     with pytest.raises(UserError, match=r"match no linear layer"):
         load_adapter(model, d)
+
+
+# -- corrupt adapter files (issue 12 items 5 and 13) ------------------------------------------------------
+_Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def _rewrite(d, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size - 100]), r"adapter_model.safetensors: truncated"),
+    (lambda p: p.write_bytes(b""), r"adapter_model.safetensors: not a safetensors file: an empty file \(0 bytes\)"),
+    (lambda p: p.write_bytes(p.read_bytes().replace(b'"shape":[64,4]', b'"shape":[64,8]', 1)),  # a lying header
+     r"adapter_model.safetensors: bad safetensors header: tensor '.*' is F32 \[64, 8\], 2048 bytes, but its "
+     r"data_offsets span 1024"),
+])
+def test_a_corrupt_adapter_file_is_one_line_and_leaves_the_model_alone(tmp_path, damage, msg):
+    d = _saved(tmp_path)
+    damage(d / "adapter_model.safetensors")
+    for model in (tiny_model(), add_lora(tiny_model(), r=4, verbose=False)):
+        same = _unchanged(model)
+        with pytest.raises(UserError, match=msg):
+            load_adapter(model, d)
+        assert same()
+
+
+@pytest.mark.parametrize("value,what", [(float("nan"), "NaN"), (float("inf"), "Inf"), (-float("inf"), "Inf")])
+def test_non_finite_adapter_values_are_an_error_naming_the_tensor(tmp_path, value, what):
+    d = _saved(tmp_path)
+    _rewrite(d, lambda t: t[_Q_B].view(-1).index_fill_(0, torch.tensor([3, 7]), value))
+    model = add_lora(tiny_model(), r=4, verbose=False)
+    same = _unchanged(model)
+    with pytest.raises(UserError, match=rf"adapter .*: {_Q_B} has 2 non-finite values \(.*{what}.*\)"):
+        load_adapter(model, d)
+    assert same()
+
+
+def test_adapter_tensors_that_are_not_floats_are_refused(tmp_path):
+    d = _saved(tmp_path)
+    _rewrite(d, lambda t: t.__setitem__(_Q_B, t[_Q_B].round().to(torch.int64)))
+    with pytest.raises(UserError, match=rf"{_Q_B} has dtype torch.int64; LoRA weights are floating point"):
+        load_adapter(tiny_model(), d)
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("lora_alpha", float("nan"), r"lora_alpha must be a finite number, got nan"),
+    ("lora_alpha", True, r"lora_alpha must be a finite number, got True"),
+    ("lora_dropout", "lots", r"lora_dropout must be a number in \[0, 1\), got 'lots'"),
+    ("r", True, r"r must be a positive integer, got True"),
+])
+def test_adapter_config_values_of_the_wrong_kind(tmp_path, field, value, msg):
+    d = _saved(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[field] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=msg):
+        load_adapter(tiny_model(), d)
+
+
+def test_saving_a_non_finite_adapter_is_refused_and_writes_nothing(tmp_path):
+    model = add_lora(tiny_model(), r=4, verbose=False)
+    with torch.no_grad():
+        lora_modules(model)["model.layers.0.self_attn.q_proj"].lora_B.weight[1, 2] = float("nan")
+    with pytest.raises(UserError, match=rf"{_Q_B} has 1 non-finite values \(NaN\)"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_adapter_path_that_is_a_file_or_not_utf8(tmp_path):
+    d = _saved(tmp_path / "a")
+    with pytest.raises(UserError, match=r"adapter_model.safetensors is a file, not an adapter directory"):
+        load_adapter(tiny_model(), d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_bytes(b'{"r": 4, "note": "\xff"}')
+    with pytest.raises(UserError, match=r"adapter_config.json: the adapter config is not UTF-8 text"):
+        load_adapter(tiny_model(), d)

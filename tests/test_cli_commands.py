@@ -66,7 +66,7 @@ def test_judge_human_from_stdin_then_elo(tmp_path):
                 tmp_path / "j.jsonl", stdin="1\n1\n2\n3\n")
     assert r.returncode == 0, r.stderr
     assert "4 judgments written" in r.stdout
-    r = fourbit("elo", tmp_path / "j.jsonl", "--orderings", 100, "--json", "-")
+    r = fourbit("elo", tmp_path / "j.jsonl", "--orderings", 100, "--json")
     res = json.loads(r.stdout)
     assert res["matches"] == 4 and res["ratings"]["a"] > res["ratings"]["b"]
 

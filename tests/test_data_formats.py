@@ -44,7 +44,7 @@ def test_real_alpaca_rows_use_the_papers_templates():
 
 
 def test_alpaca_templates_are_the_papers_exactly():
-    """SPEC §8 / QLoRA's ALPACA_PROMPT_DICT, spelled out independently here."""
+    """QLoRA's ALPACA_PROMPT_DICT, spelled out independently here."""
     assert ALPACA_WITH_INPUT.format(instruction="I", input="X") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nI\n\n### Input:\nX\n\n"
@@ -96,17 +96,11 @@ def test_io_pairs_and_their_aliases(tmp_path, row):
 
 def test_plain_text_and_format_override(tmp_path):
     path = _jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time."}, {"text": "### Human: a### Assistant: b"}])
-    ex, rep = load_examples(path)
-    assert rep.format == "oasst" and rep.used == 1 and "no '### Assistant:' reply" in rep.skipped[0]
     ex, rep = load_examples(path, format="text")
     assert rep.format == "text" and [e.turns for e in ex] == [[("text", "Once upon a time.")],
                                                              [("text", "### Human: a### Assistant: b")]]
-
-
-def test_numbers_are_text_but_lists_are_not(tmp_path):
-    ex, rep = load_examples(_jsonl(tmp_path / "a.jsonl", [{"instruction": "2+2?", "output": 4},
-                                                          {"instruction": "x", "output": ["no"]}]))
-    assert ex[0].turns[1] == ("assistant", "4") and "field 'output' must be text, got list" in rep.skipped[0]
+    ex, rep = load_examples(path, format="oasst", max_bad_fraction=1.0)
+    assert rep.format == "oasst" and rep.used == 1 and "no '### Assistant:' reply" in rep.skipped[0]
 
 
 def test_json_rows_are_reported_with_their_line(tmp_path):
@@ -114,7 +108,7 @@ def test_json_rows_are_reported_with_their_line(tmp_path):
     rows = [{"instruction": "ok", "output": "fine"}, {"instruction": "no output"}, {"instruction": "x", "output": ""}]
     path.write_text(json.dumps(rows, indent=2))  # rows start on lines 2, 6, 9
     starts = [i + 1 for i, line in enumerate(path.read_text().splitlines()) if line == "  {"]
-    ex, rep = load_examples(str(path))
+    ex, rep = load_examples(str(path), max_bad_fraction=1.0)
     assert len(ex) == 1 and ex[0].where == f"{path}:{starts[0]}"
     assert rep.skipped == [f"{path}:{starts[1]}: missing or empty field 'output'",
                            f"{path}:{starts[2]}: missing or empty field 'output'"]
@@ -128,7 +122,7 @@ def test_json_object_holding_one_list(tmp_path):
 
 def test_csv_lines_count_quoted_newlines(tmp_path):
     (tmp_path / "a.csv").write_text('instruction,input,output\n"two\nlines",,Done\nSecond,,\nThird,,Yes\n')
-    ex, rep = load_examples(str(tmp_path / "a.csv"))
+    ex, rep = load_examples(str(tmp_path / "a.csv"), max_bad_fraction=1.0)
     assert [e.where.rsplit(":", 1)[1] for e in ex] == ["2", "5"]
     assert rep.skipped == [f"{tmp_path / 'a.csv'}:4: missing or empty field 'output'"]
     assert ex[0].turns[0][1] == ALPACA_NO_INPUT.format(instruction="two\nlines")
@@ -139,7 +133,7 @@ def test_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"input": ["q1", "q2"], "output": ["a1", ""]}), tmp_path / "p.parquet")
-    ex, rep = load_examples(str(tmp_path / "p.parquet"))
+    ex, rep = load_examples(str(tmp_path / "p.parquet"), max_bad_fraction=1.0)
     assert [e.turns for e in ex] == [[("user", "q1"), ("assistant", "a1")]]
     assert rep.skipped == [f"{tmp_path / 'p.parquet'}:row 2: missing or empty field 'output'"]
 
@@ -222,7 +216,7 @@ def test_empty_directory(tmp_path):
 def test_bad_rows_skip_or_stop(tmp_path):
     path = _jsonl(tmp_path / "a.jsonl", [{"instruction": "ok", "output": "fine"}, {"instruction": "no output"},
                                          {"instruction": "  ", "output": "x"}, "a string"])
-    ex, rep = load_examples(path)
+    ex, rep = load_examples(path, max_bad_fraction=1.0)
     assert len(ex) == 1 and rep.used == 1 and rep.rows == 4
     assert rep.skipped == [f"{path}:2: missing or empty field 'output'", f"{path}:3: missing or empty field "
                            f"'instruction'", f"{path}:4: expected an object with fields, got str"]
@@ -245,7 +239,7 @@ def test_bad_chat_messages_are_reported(tmp_path):
             {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
             {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
-    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", rows))
+    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", rows), max_bad_fraction=1.0)
     assert len(ex) == 1 and [s.split(": ", 1)[1] for s in rep.skipped] == [
         "missing or empty list 'messages'", "no assistant message in 'messages'",
         "messages[0] has role 'robot'; expected system, user or assistant",
@@ -257,3 +251,153 @@ def test_bad_arguments():
         load_examples("builtin", format="yaml")
     with pytest.raises(UserError, match="on_bad_row must be skip or error"):
         load_examples("builtin", on_bad_row="ignore")
+
+
+# -- issue 12 item 7: nothing changed or dropped without a clear word ---------------------------------------
+def test_format_detection_reads_every_row(tmp_path):
+    """A row of another format after the first 20 is found, named by file:line."""
+    rows = [{"instruction": f"i{k}", "output": f"o{k}"} for k in range(25)] + [{"input": "q", "output": "a"}]
+    path = _jsonl(tmp_path / "a.jsonl", rows)
+    with pytest.raises(UserError, match=rf"a.jsonl: rows in 2 formats: alpaca \(25 rows, first .*a.jsonl:1\), "
+                                        rf"io \(1 row, first .*a.jsonl:26\).*--format"):
+        load_examples(path)
+
+
+def test_a_file_mixing_formats_is_an_error_not_10_of_40_rows(tmp_path):
+    rows = [{"instruction": f"i{k}", "output": f"o{k}"} for k in range(10)] + \
+           [{"input": f"q{k}", "output": f"a{k}"} for k in range(30)]
+    path = _jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(UserError, match=r"mixed.jsonl:11"):
+        load_examples(path)
+    # an explicit format parses every row as that format; the other rows are bad rows, counted
+    with pytest.raises(UserError, match=r"30 of 40 rows .*skipped.*max_bad_fraction 5%; first: .*mixed.jsonl:11"):
+        load_examples(path, format="alpaca")
+    ex, rep = load_examples(path, format="alpaca", max_bad_fraction=1.0)
+    assert (len(ex), rep.rows, rep.used, len(rep.skipped)) == (10, 40, 10, 30)
+    assert "40 rows (alpaca) from" in rep.summary() and "10 used, 30 skipped" in rep.summary()
+
+
+def test_plain_text_and_oasst_rows_are_two_formats(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": "Once upon a time."}, {"text": "### Human: a### Assistant: b"}])
+    with pytest.raises(UserError, match=r"text \(1 row, first .*t.jsonl:1\), oasst \(1 row, first .*t.jsonl:2\)"):
+        load_examples(path)
+
+
+@pytest.mark.parametrize("row,field,got", [
+    ({"instruction": "x", "input": ["w5", "w6"], "output": "y"}, "input", "list"),
+    ({"instruction": "x", "input": {"a": 1}, "output": "y"}, "input", "dict"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "input", "int"),
+    ({"instruction": "x", "output": float("nan")}, "output", "float"),
+    ({"instruction": "x", "output": 42}, "output", "int"),
+    ({"instruction": "x", "output": True}, "output", "bool"),
+    ({"instruction": 7.5, "output": "y"}, "instruction", "float"),
+])
+def test_wrong_field_types_are_bad_rows_never_stringified(tmp_path, row, field, got):
+    good = [{"instruction": f"i{k}", "output": f"o{k}"} for k in range(30)]
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good[:10] + [row] + good[10:]))  # json writes NaN
+    with pytest.raises(UserError, match=rf"a.jsonl:11: field '{field}' must be text, got {got}"):
+        load_examples(str(path), on_bad_row="error")
+    ex, rep = load_examples(str(path), max_bad_fraction=0.1)
+    assert len(ex) == 30 and rep.skipped == [f"{path}:11: field '{field}' must be text, got {got}"]
+    assert not any("w5" in t or "nan" in t or "42" in t for e in ex for _, t in e.turns)
+
+
+def test_chat_roles_and_contents_of_the_wrong_type_are_bad_rows(tmp_path):
+    rows = [{"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", rows), max_bad_fraction=1.0)
+    assert len(ex) == 1 and [s.split(": ", 1)[1] for s in rep.skipped] == [
+        "messages[0] has role ['user']; expected system, user or assistant",
+        "messages[0] (user) content must be text, got int"]
+
+
+def test_csv_rows_with_more_fields_than_the_header_are_bad_rows(tmp_path):
+    """An unquoted comma would otherwise cut the output at the comma and drop the rest silently."""
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,input,output\n" + "".join(f"Do {k},,Done {k}\n" for k in range(20))
+                    + "Greet,,Hello, world\n")
+    ex, rep = load_examples(str(path), max_bad_fraction=0.1)
+    assert len(ex) == 20 and rep.skipped == [f"{path}:22: 4 fields but the header names 3 (an unquoted comma "
+                                             f"or quote?); quote fields that contain commas"]
+
+
+@pytest.mark.parametrize("n_bad,ok", [(2, True), (3, False)])
+def test_dropping_more_than_five_percent_of_rows_is_an_error(tmp_path, n_bad, ok):
+    rows = [{"instruction": f"i{k}", "output": f"o{k}"} for k in range(40 - n_bad)] + \
+           [{"instruction": "no output"}] * n_bad
+    path = _jsonl(tmp_path / "a.jsonl", rows)
+    if ok:  # 2 of 40 = 5%: allowed, and said
+        ex, rep = load_examples(path)
+        assert len(ex) == 38 and "38 used, 2 skipped" in rep.summary()
+        return
+    with pytest.raises(UserError, match=r"3 of 40 rows \(7.5%\) would be left out \(3 skipped as bad\), more than "
+                                        r"max_bad_fraction 5%; first: .*a.jsonl:38: missing or empty field 'output'"):
+        load_examples(path)
+    ex, rep = load_examples(path, max_bad_fraction=0.1)
+    assert len(ex) == 37 and rep.as_dict()["skipped"] == 3
+
+
+def test_bad_fraction_argument_is_checked():
+    with pytest.raises(UserError, match=r"max_bad_fraction must be between 0 and 1, got 1.5"):
+        load_examples("builtin", max_bad_fraction=1.5)
+
+
+# -- JSON lines written by a killed writer (issue 12 item 12) ------------------------------------------------
+from fourbit.data.formats import iter_jsonl, partial_last_line, truncate_partial_line  # noqa: E402
+
+_ROWS = [{"step": 1, "loss": 2.5}, {"question_id": "7", "text": "日本語 é"}, {"step": 3, "raw": "a\nb"}]
+
+
+def _complete(rows):
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+
+
+def test_every_cut_of_the_last_line_is_tolerated_reported_and_repaired(tmp_path):
+    """A writer killed mid-line (at every byte of the record, inside UTF-8 characters too) leaves
+    complete lines that read back, a partial tail that is reported, and a file that appends cleanly."""
+    head, last = _complete(_ROWS[:2]), _complete(_ROWS[2:])
+    path = tmp_path / "out.jsonl"
+    for cut in range(1, len(last) - 1):  # the whole record but its "\n" is a complete line, see below
+        path.write_bytes(head + last[:cut])
+        with pytest.raises(UserError, match=rf"out.jsonl:3: not valid JSON.*partial last line"):
+            list(iter_jsonl(path))
+        assert [r for _, r in iter_jsonl(path, allow_partial_last=True)] == _ROWS[:2]
+        tail = partial_last_line(path)
+        assert (tail.line, tail.data) == (3, last[:cut])
+        assert truncate_partial_line(path) == tail and path.read_bytes() == head
+        with open(path, "a", encoding="utf-8") as f:  # the writer resumes
+            f.write(json.dumps(_ROWS[2]) + "\n")
+        assert [r for _, r in iter_jsonl(path)] == _ROWS
+    assert partial_last_line(path) is None and truncate_partial_line(path) is None
+
+
+def test_a_complete_last_line_without_its_newline_is_kept_and_ended(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(_complete(_ROWS)[:-1])
+    assert [r for _, r in iter_jsonl(path)] == _ROWS and partial_last_line(path) is None
+    assert truncate_partial_line(path) is None and path.read_bytes() == _complete(_ROWS)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b'{"a": 1}\n{"a": \n{"a": 3}\n{"a', r"out.jsonl:2: not valid JSON"),  # only the last line may be partial
+    (b'{"a": 1}\n{"a": 2\n', r"out.jsonl:2: not valid JSON"),  # a line ended by "\n" was written whole
+    (b'{"a": 1}\n{"a": "\xff"}\n', r"out.jsonl:2: not UTF-8 text"),
+])
+def test_only_the_last_line_may_be_partial(tmp_path, content, msg):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=msg):
+        list(iter_jsonl(path, allow_partial_last=True))
+    if content.endswith(b"\n"):
+        assert partial_last_line(path) is None and truncate_partial_line(path) is None
+        assert path.read_bytes() == content  # nothing is cut from a file whose lines are all complete
+
+
+def test_objects_only(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"a": 1}\n[1, 2]\n')
+    assert [r for _, r in iter_jsonl(path)] == [{"a": 1}, [1, 2]]
+    with pytest.raises(UserError, match=r"out.jsonl:2: expected a JSON object, got list"):
+        list(iter_jsonl(path, objects=True))

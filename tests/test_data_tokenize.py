@@ -221,7 +221,7 @@ def test_multi_turn_truncation_counts_cut_replies(tmp_path, tok):
 def test_an_example_truncated_away_is_dropped_and_reported(tmp_path, tok):
     msgs = [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}] * 2
     ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": ok}]))
+    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": ok}]), max_bad_fraction=1)
     t, stats = tokenize_examples(ex, tok, source_max_len=20, target_max_len=10, report=rep)
     assert len(t) == 1 and stats["dropped"] == 1 and rep.used == 1 and rep.dropped_truncated == 1
     assert rep.dropped_examples[0].startswith(f"{ex[0].where}: no response token left (conversation cut from")
@@ -237,3 +237,48 @@ def test_no_eos_token_is_an_error(smollm2_dir):
     t.eos_token = None
     with pytest.raises(UserError, match="no EOS token"):
         tokenize_examples([Example([("user", "q"), ("assistant", "a")])], t)
+
+
+# -- the model's context (issue 12 item 7) -------------------------------------------------------------------
+def test_sequences_are_cut_to_the_models_context_and_counted(tmp_path, tok):
+    long_in, long_out = "start " + "long prompt " * 60 + "END:", "first " + "long answer " * 60
+    rows = [{"input": long_in, "output": long_out}, {"input": "q", "output": "a"},
+            {"input": "short question:", "output": long_out}]
+    ex, rep = load_examples(_jsonl(tmp_path / "io.jsonl", rows))
+    t, stats = tokenize_examples(ex, tok, source_max_len=512, target_max_len=512, context_len=32, report=rep)
+    assert len(t) == 3 and all(len(x["input_ids"]) <= 32 for x in t) and rep.used == 3
+    p_ids, r_ids = tok(long_in)["input_ids"], tok(long_out)["input_ids"] + [tok.eos_token_id]
+    # both long: the response keeps half the context (its start), the prompt the rest (its end)
+    assert t[0]["input_ids"] == p_ids[-16:] + r_ids[:16] and t[0]["labels"] == [IGNORE] * 16 + r_ids[:16]
+    assert t[1]["input_ids"] == tok("q")["input_ids"] + tok("a")["input_ids"] + [tok.eos_token_id]
+    short = tok("short question:")["input_ids"]  # a short prompt is kept whole, the response fills the rest
+    assert t[2]["input_ids"] == short + r_ids[:32 - len(short)]
+    assert stats["truncated"] == rep.truncated == 2 and rep.context_truncated == 2 and rep.context_len == 32
+    assert f"{ex[0].where}: cut from {len(p_ids) + len(r_ids)} to the model's context of 32 tokens" in \
+        rep.truncated_examples[0]
+    assert "2 truncated (2 to the model's context of 32 tokens)" in rep.summary()
+    assert rep.as_dict()["context_truncated"] == 2
+
+
+def test_context_bounds_multi_turn_and_text_chunks(tmp_path, tok):
+    text = "### Human: Hi### Assistant: Hello there, friend.### Human: More?### Assistant: " + "yes " * 40
+    ex, rep = load_examples(_jsonl(tmp_path / "o.jsonl", [{"text": text}]))
+    t, _ = tokenize_examples(ex, tok, source_max_len=512, target_max_len=512, context_len=24, report=rep)
+    assert len(t[0]["input_ids"]) == 24 and rep.context_truncated == 1
+    doc = " ".join(f"w{i}" for i in range(100))
+    ex, rep = load_examples(_jsonl(tmp_path / "t.jsonl", [{"text": doc}]))
+    t, _ = tokenize_examples(ex, tok, source_max_len=512, target_max_len=512, context_len=40, report=rep)
+    whole = tok(doc)["input_ids"] + [tok.eos_token_id]
+    assert [x["input_ids"] for x in t] == [whole[i:i + 40] for i in range(0, len(whole), 40)]
+    assert "longer than 40 tokens were split" in rep.summary()
+    with pytest.raises(UserError, match="context_len must be >= 2, got 0"):
+        tokenize_examples(ex, tok, context_len=0)
+
+
+def test_dropping_too_many_examples_in_tokenization_is_an_error(tmp_path, tok):
+    msgs = [{"role": "user", "content": "x " * 200}, {"role": "assistant", "content": "y"}] * 2
+    ok = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    ex, rep = load_examples(_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}] + [{"messages": ok}] * 9))
+    with pytest.raises(UserError, match=r"1 of 10 rows \(10%\) would be left out \(1 emptied by truncation\), more "
+                                        r"than max_bad_fraction 5%; first: .*c.jsonl:1: no response token left"):
+        tokenize_examples(ex, tok, source_max_len=20, target_max_len=10, report=rep)

@@ -15,6 +15,7 @@ from fourbit.errors import UserError
 from fourbit.eval import (EndpointJudge, HumanJudge, bradley_terry, elo_orderings, elo_ratings, evaluate_mmlu,
                           parse_verdict, perplexity, read_judgments, run_judging)
 from fourbit.eval.mmlu import build_prompt, choice_token_ids
+from fourbit.commands.elo import table as format_table
 from fourbit.eval.elo import random_orderings
 
 
@@ -176,13 +177,13 @@ def test_elo_on_the_papers_judgments_reproduces_its_ranking():
 
 
 def test_unreadable_and_bad_lines_are_counted_not_fatal(tmp_path, capsys):
-    from fourbit.eval.elo import elo_main
+    from fourbit.commands.elo import run as elo_main
 
     p = tmp_path / "j.jsonl"
     p.write_text('{"first": "a", "second": "b", "score": 1}\n{"first": "a", "second": "b", "score": -1}\nnot json\n'
                  '{"first": "b", "second": "a", "score": 3}\n')
-    assert elo_main([str(p), "--orderings", "50", "--json", str(tmp_path / "e.json")]) == 0
-    out = json.loads((tmp_path / "e.json").read_text())
+    assert elo_main([str(p), "--orderings", "50", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["matches"] == 2 and out["unreadable"] == 1 and set(out["ratings"]) == {"a", "b"}
     assert set(out["ci95"]) == {"a", "b"}
 
@@ -260,3 +261,116 @@ def test_answer_files_with_different_questions_are_refused(tmp_path):
     a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2, 3]), _answers(tmp_path / "b.jsonl", "beta", [1, 2, 4])
     with pytest.raises(UserError, match=r"only in .*a.jsonl: \['3'\]; only in .*b.jsonl: \['4'\]"):
         run_judging(a, b, HumanJudge(), str(tmp_path / "j.jsonl"))
+
+
+# -- files left by a killed writer, and lines that are not objects (issue 12 items 12, 13) -----------------
+class _FixedJudge:
+    name = "fixed"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, system, user):
+        self.calls += 1
+        return "Review.\n1"
+
+
+def test_judging_resumes_after_a_writer_killed_mid_line(tmp_path):
+    a, b = _answers(tmp_path / "a.jsonl", "alpha", [1, 2]), _answers(tmp_path / "b.jsonl", "beta", [1, 2])
+    out = tmp_path / "j.jsonl"
+    run_judging(a, b, _FixedJudge(), str(out))
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:2]) + lines[2][:25])  # killed while writing the third judgment
+    judge = _FixedJudge()
+    stats = run_judging(a, b, judge, str(out))
+    assert (stats.judged, stats.skipped_existing, judge.calls) == (2, 2, 2)
+    assert stats.partial_line is not None and stats.partial_line.line == 3 and "partial last line" in \
+        str(stats.partial_line)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # every line whole again
+    assert len(rows) == 4 and {(r["question_id"], r["first"]) for r in rows} == \
+        {("1", "alpha"), ("2", "alpha"), ("1", "beta"), ("2", "beta")}
+
+
+def test_answer_question_and_prompt_files_with_non_object_lines(tmp_path):
+    from fourbit.generate import read_prompts
+
+    a = _answers(tmp_path / "a.jsonl", "alpha", [1, 2])
+    with open(a, "a") as f:
+        f.write("5\n")
+    b = _answers(tmp_path / "b.jsonl", "beta", [1, 2])
+    with pytest.raises(UserError, match=r"a.jsonl:3: expected a JSON object, got int"):
+        run_judging(a, b, _FixedJudge(), str(tmp_path / "j.jsonl"))
+    (tmp_path / "q.jsonl").write_text('{"question_id": 1, "turns": ["Hi?"]}\n["not", "an", "object"]\n')
+    with pytest.raises(UserError, match=r"q.jsonl:2: expected a JSON object, got list"):
+        run_judging(_answers(tmp_path / "a2.jsonl", "alpha", [1]), _answers(tmp_path / "b2.jsonl", "beta", [1]),
+                    _FixedJudge(), str(tmp_path / "j2.jsonl"), questions=str(tmp_path / "q.jsonl"))
+    with pytest.raises(UserError, match=r"question file .*nope.jsonl does not exist"):
+        run_judging(_answers(tmp_path / "a2.jsonl", "alpha", [1]), _answers(tmp_path / "b2.jsonl", "beta", [1]),
+                    _FixedJudge(), str(tmp_path / "j2.jsonl"), questions=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(UserError, match=r"q.jsonl:2: expected a JSON object, got list"):
+        read_prompts(str(tmp_path / "q.jsonl"))
+
+
+# -- Elo input that is not what it should be (issue 12 item 9) -----------------------------------------------
+def _j(first, second, score):
+    return {"first": first, "second": second, "score": score}
+
+
+def test_a_system_playing_itself_is_skipped_and_counted(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = [_j(f"s{a}", f"s{b}", int(rng.integers(1, 4))) for a, b in rng.integers(0, 3, (40, 2)) if a != b]
+    clean = elo_ratings([_write_judgments(tmp_path / "clean.jsonl", rows)], orderings=50, seed=0)
+    mixed = rows[:5] + [_j("s0", "s0", 1), _j("s1", "s1", 2)] + rows[5:] + [_j("s2", "s2", 3)]
+    res = elo_ratings([_write_judgments(tmp_path / "mixed.jsonl", mixed)], orderings=50, seed=0)
+    assert res.self_play == 3 and res.matches == clean.matches and "3 self-play rows skipped" in format_table(res)
+    assert res.ratings == clean.ratings and res.bradley_terry == clean.bradley_terry  # as if never there
+
+
+def test_malformed_lines_are_counted_with_where_they_are(tmp_path):
+    p = tmp_path / "j.jsonl"
+    p.write_text('{"first": "a", "second": "b", "score": 1}\n'
+                 'not json\n'
+                 '[1, 2]\n'
+                 '{"first": "a", "second": "b"}\n'
+                 '{"first": "a", "second": "b", "score": 7}\n'
+                 '{"first": "b", "second": "a", "score": 3}\n'
+                 '{"first": "a", "second": "b", "score": -1}\n'
+                 '{"first": "b", "second": "a", "sco')  # a judge killed mid-line
+    res = elo_ratings([str(p)], orderings=20)
+    assert (res.matches, res.unreadable, res.bad_lines) == (2, 1, 5)
+    assert res.bad_examples == [f"{p}:2: not valid JSON (Expecting value, column 1)",
+                                f"{p}:3: expected a JSON object, got list", f"{p}:4: no score",
+                                f"{p}:5: score 7 is not 1, 2, 3 or -1",
+                                f"{p}:8: a partial last line (a writer killed mid-line?)"]
+    assert res.as_dict()["bad_lines"] == 5 and f"5 malformed lines skipped (first: {p}:2: not valid JSON" in \
+        format_table(res)
+
+
+def test_one_system_winning_every_match_has_elo_but_no_bradley_terry(tmp_path):
+    rows = [_j("champ", "b", 1), _j("c", "champ", 2), _j("b", "c", 3), _j("c", "b", 1), _j("champ", "c", 1)]
+    res = elo_ratings([_write_judgments(tmp_path / "j.jsonl", rows)], orderings=50)
+    assert list(res.ratings)[0] == "champ" and res.bradley_terry is None
+    assert res.bradley_terry_note == "no finite Bradley-Terry solution: champ won every match"
+    table = format_table(res)
+    assert "no finite Bradley-Terry solution: champ won every match" in table
+    assert json.loads(json.dumps(res.as_dict()))["bradley_terry"] is None
+    rows = [_j("a", "b", 1), _j("b", "a", 1), _j("c", "d", 1), _j("d", "c", 3)]  # two groups that never met
+    res = elo_ratings([_write_judgments(tmp_path / "k.jsonl", rows)], orderings=20)
+    assert res.bradley_terry is None and "never scored against" in res.bradley_terry_note
+
+
+@requires_shared_data
+def test_the_papers_ratings_are_unchanged_by_noise_around_them(tmp_path):
+    """Self-play rows, malformed lines and a partial last line added to the paper's files change nothing."""
+    files = sorted((SHARED_DATA / "qlora_paper/ratings-gpt4/vicuna/pairwise").glob("*.jsonl"))
+    clean = elo_ratings([str(f) for f in files], orderings=100, seed=0)
+    noisy = tmp_path / "noise.jsonl"
+    noisy.write_text('{"first": "answer-gpt4", "second": "answer-gpt4", "score": 1}\n[1]\n{"first": "x", "sec')
+    res = elo_ratings([str(f) for f in files] + [str(noisy)], orderings=100, seed=0)
+    assert res.ratings == clean.ratings and res.bradley_terry == clean.bradley_terry and res.ci95 == clean.ci95
+    assert (res.self_play, res.bad_lines, res.matches) == (1, 2, clean.matches)
+
+
+def test_elo_with_no_orderings_is_an_error_not_nan(tmp_path):
+    with pytest.raises(UserError, match="orderings must be >= 1, got 0"):
+        elo_ratings([_write_judgments(tmp_path / "j.jsonl", [_j("a", "b", 1)])], orderings=0)

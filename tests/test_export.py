@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import requires_bnb, requires_peft, tiny_model
+from conftest import bnb_exact, requires_bnb, requires_peft, tiny_model
 from fourbit.errors import UserError
 from fourbit.export import (DEFAULT_EVAL_TEXTS, merge_adapter, read_eval_file, rotary_to_interleaved,
                             tokenize_text, write_gguf)
@@ -175,7 +175,7 @@ def test_16bit_and_requantized_merges_report_their_cost(setup, tok, tmp_path):
 def test_merges_match_bitsandbytes_and_peft(tok, tmp_path):
     """fp32 merge vs PEFT's unmerged bnb model; 4-bit merge vs PEFT's merge_and_unload (which requantizes).
 
-    Without double quantization bitsandbytes' CPU rounding equals ours (SPEC §2-3), so both sides
+    Without double quantization bitsandbytes' CPU rounding equals ours, so both sides
     hold the same 4-bit codes and only matmul summation order differs (atol 1e-4).
     """
     from peft import PeftModel
@@ -185,14 +185,15 @@ def test_merges_match_bitsandbytes_and_peft(tok, tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", double_quant=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
                              bnb_4bit_compute_dtype=torch.float32)
-    theirs = PeftModel.from_pretrained(hf_model(base, quantization_config=bnb, device_map="cpu"), adapter).eval()
+    theirs = PeftModel.from_pretrained(bnb_exact(hf_model(base, quantization_config=bnb, device_map="cpu")),
+                                      adapter).eval()
     theirs_unmerged = logits(theirs, tok)
     merge_adapter(base, adapter, tmp_path / "fp32", dtype="fp32", double_quant=False, device="cpu")
     assert max_diff(logits(hf_model(tmp_path / "fp32"), tok), theirs_unmerged) < 1e-4
     merge_adapter(base, adapter, tmp_path / "nf4", dtype="fp32", quantize="nf4", double_quant=False, device="cpu")
-    ours_4bit = hf_model(tmp_path / "nf4", device_map="cpu")  # transformers + bitsandbytes read our 4-bit files
+    ours_4bit = bnb_exact(hf_model(tmp_path / "nf4", device_map="cpu"))  # transformers + bitsandbytes read our 4-bit files
     assert type(ours_4bit.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    theirs_merged = logits(theirs.merge_and_unload(), tok)
+    theirs_merged = logits(bnb_exact(theirs.merge_and_unload()), tok)
     assert max_diff(logits(ours_4bit, tok), theirs_merged) < 1e-4
     assert max_diff(theirs_merged, theirs_unmerged) > 1e-3  # requantizing does cost something
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import requires_bnb, requires_smollm2, tiny_model
+from conftest import bnb_exact, requires_bnb, requires_smollm2, tiny_model
 from fourbit.errors import UserError
 from fourbit.models import load_model, quantize_checkpoint
 from fourbit.nn import Linear4bit, find_linear_names
@@ -53,8 +53,8 @@ def test_same_weights_and_logits_as_transformers_bitsandbytes(arch, quant, tmp_p
     tiny_model(arch).save_pretrained(tmp_path)
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg, device_map="cpu",
-                                                  dtype=torch.float32)
+    theirs = bnb_exact(AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg, device_map="cpu",
+                                                            dtype=torch.float32))
     ours, _ = load_model(tmp_path, quant=quant, device="cpu", rounding="bnb-cpu")
     _assert_same_4bit_weights(ours, theirs)
     torch.testing.assert_close(ours(_ids()).logits, theirs(_ids()).logits, rtol=1e-4, atol=1e-4)
@@ -79,8 +79,8 @@ def test_bitsandbytes_checkpoint_loads_without_requantizing(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "fp32")
     cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=cfg, device_map="cpu",
-                                                  dtype=torch.float32)
+    theirs = bnb_exact(AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=cfg,
+                                                            device_map="cpu", dtype=torch.float32))
     theirs.save_pretrained(tmp_path / "bnb")
     ours, _ = load_model(tmp_path / "bnb", device="cpu")
     assert ours.fourbit_load_report.prequantized == 14 and ours.fourbit_load_report.quantized == 0
@@ -98,7 +98,7 @@ def test_fourbit_quantize_output_loads_in_transformers_bitsandbytes(quant, tmp_p
     assert report.quantized == 14
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == quant
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    theirs = bnb_exact(AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu"))
     ours, _ = load_model(tmp_path / "q", device="cpu")
     assert ours.fourbit_load_report.prequantized == 14
     _assert_same_4bit_weights(ours, theirs)

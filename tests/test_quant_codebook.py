@@ -1,4 +1,4 @@
-"""Code books: NF4 derived from normal quantiles reproduces SPEC §1 and bitsandbytes bit for bit."""
+"""Code books: NF4 derived from normal quantiles reproduces the QLoRA paper's table (Appendix E) and bitsandbytes bit for bit."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from conftest import requires_bnb
 from fourbit.quant import dynamic_map, fp4_values, nf4_values
 
-# SPEC §1, as published (float32 values printed with full precision).
+# The QLoRA paper's NF4 values (Appendix E), as published (float32 values printed with full precision).
 SPEC_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import requires_smollm2
 from fourbit.errors import UserError
-from fourbit.train import DEMO_PRESET, TrainConfig, _explicit_flags, apply_demo_preset, train
+from fourbit.commands.flags import parse_cli
+from fourbit.train import DEMO_PRESET, TrainConfig, apply_demo_preset, train
 
 pytestmark = requires_smollm2
 
@@ -145,20 +146,28 @@ def test_cli_errors_are_messages_not_tracebacks(tiny_chat_dir, tmp_path):
     assert p.returncode == 2 and "--lr must be > 0" in out and "--r must be >= 1" in out
 
 
-def test_demo_preset_applies_only_to_flags_not_given():
-    given = _explicit_flags(["--max-steps", "5", "--no-gradient-checkpointing", "--lr=0.01"])
+def test_demo_preset_applies_only_to_flags_not_given(tmp_path):
+    cfg, given = parse_cli(TrainConfig, ["--max-steps", "5", "--no-gradient-checkpointing", "--lr=0.01"], prog="t")
     assert given == {"max_steps", "gradient_checkpointing", "lr"}
-    cfg = apply_demo_preset(TrainConfig(max_steps=5, lr=0.01), given)
+    cfg = apply_demo_preset(cfg, given)
     assert cfg.max_steps == 5 and cfg.lr == 0.01 and cfg.batch_size == DEMO_PRESET["batch_size"]
+    assert cfg.gradient_checkpointing is False and cfg.r == DEMO_PRESET["r"]
+    (tmp_path / "run.yaml").write_text("r: 8\n")  # keys of the YAML count as given too
+    cfg, given = parse_cli(TrainConfig, ["--config", str(tmp_path / "run.yaml"), "--max-steps", "5"], prog="t")
+    assert given == {"r", "max_steps"} and apply_demo_preset(cfg, given).r == 8
     other = apply_demo_preset(TrainConfig(data="x.jsonl"), set())
     assert other.max_steps == -1 and other.grad_accum == 16  # the paper's recipe for real data
 
 
-def test_yaml_config(tmp_path):
-    from fourbit.config import parse_cli
+def test_flag_abbreviations_are_refused():
+    """argparse would take --max-st for --max-steps, and the demo preset would then override it."""
+    with pytest.raises(UserError, match=r"unknown flag\(s\) \['--max-st', '2'\]"):
+        parse_cli(TrainConfig, ["--max-st", "2"], prog="t")
 
+
+def test_yaml_config(tmp_path):
     (tmp_path / "run.yaml").write_text("lr: 0.0005\nmax-steps: 7\nr: 8\n")
-    cfg = parse_cli(TrainConfig, ["--config", str(tmp_path / "run.yaml"), "--r", "16"], prog="t")
+    cfg, _ = parse_cli(TrainConfig, ["--config", str(tmp_path / "run.yaml"), "--r", "16"], prog="t")
     assert cfg.lr == 0.0005 and cfg.max_steps == 7 and cfg.r == 16
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(UserError, match=r"unknown option\(s\) \['learning_rate'\]"):

@@ -22,7 +22,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import torch  # noqa: E402
 
 from fourbit.quant import quantize_4bit  # noqa: E402
-from fourbit.quant.blockwise import _dequant4_reference, _quant4_reference  # noqa: E402
+from fourbit.quant.blockwise import _dequant4_reference, _quant4_reference, dequantize_absmax  # noqa: E402
 from fourbit.quant.kernels import triton_4bit as T  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,7 +53,7 @@ def check_dequant(gen):
         tiles = [(2048, None)] + ([(bs // 2, 1), (bs, 2)] if n <= 1000 else [])
         for block_bytes, warps in tiles:
             got = T.dequantize_4bit(q.view(-1), s, odt, block_bytes=block_bytes, num_warps=warps)
-            ref = _dequant4_reference(q, s.dequantized_absmax(), s.code, n, bs, odt).view(s.shape)
+            ref = _dequant4_reference(q, dequantize_absmax(s), s.code, n, bs, odt).view(s.shape)
             cases += 1
             if got.shape != ref.shape or not torch.equal(got, ref):
                 fails.append(dict(n=n, bs=bs, qt=qt, dq=dq, w=str(wdt), out=str(odt), tile=block_bytes))
@@ -63,14 +63,14 @@ def check_dequant(gen):
         for odt in DTYPES:
             got = T.dequantize_4bit(q.view(-1), s, odt)
             cases += 1
-            if not torch.equal(got, _dequant4_reference(q, s.dequantized_absmax(), s.code, n, bs, odt).view(s.shape)):
+            if not torch.equal(got, _dequant4_reference(q, dequantize_absmax(s), s.code, n, bs, odt).view(s.shape)):
                 fails.append(dict(n=n, bs=bs, out=str(odt)))
     # `out` is filled in place and returned; a 2-D weight keeps its shape
     q, s = quantize_4bit(weight(48 * 96, torch.bfloat16, 64, gen).view(48, 96))
     out = torch.full((48, 96), float("nan"), dtype=torch.bfloat16)
     got = T.dequantize_4bit(q.view(-1), s, torch.bfloat16, out)
     cases += 1
-    if got is not out or not torch.equal(out, _dequant4_reference(q, s.dequantized_absmax(), s.code, 48 * 96, 64,
+    if got is not out or not torch.equal(out, _dequant4_reference(q, dequantize_absmax(s), s.code, 48 * 96, 64,
                                                                    torch.bfloat16).view(48, 96)):
         fails.append(dict(case="out= in place"))
     return cases, fails
@@ -119,7 +119,7 @@ def check_gemv(gen):
         w = torch.randn(rows, cols, generator=gen)
         q, s = quantize_4bit(w, qt, bs, dq)
         x = torch.randn(cols, generator=gen).to(dt)
-        ref = _dequant4_reference(q, s.dequantized_absmax(), s.code, rows * cols, bs, torch.float64).view(rows, cols) \
+        ref = _dequant4_reference(q, dequantize_absmax(s), s.code, rows * cols, bs, torch.float64).view(rows, cols) \
             @ x.double()
         block_n, groups = next(tile_cycle)
         y = T.gemv_4bit(x.view(1, 1, cols), q, s, block_n=block_n, groups=groups)
@@ -155,7 +155,7 @@ def check_cache(gen):
     q, s = quantize_4bit(torch.randn(640, generator=gen))
     s.code = s.code.flip(0).clone()  # any 16 values are a valid book: the kernel must use this one
     if not torch.equal(T.dequantize_4bit(q.view(-1), s, torch.float32),
-                       _dequant4_reference(q, s.dequantized_absmax(), s.code, 640, 64, torch.float32)):
+                       _dequant4_reference(q, dequantize_absmax(s), s.code, 640, 64, torch.float32)):
         fails.append("dequantization with a custom code book")
     return 4, fails
 

@@ -2,7 +2,8 @@
 
 NF4 + double quantization (`fourbit.quant`), frozen 4-bit linears with LoRA (`fourbit.nn`),
 paged optimizers (`fourbit.optim`), instruction tuning (`fourbit.train`), evaluation
-(`fourbit.eval`) and a memory planner (`fourbit.memory`).
+(`fourbit.eval`), merging and GGUF export (`fourbit.export`) and a memory planner
+(`fourbit.memory`); the `fourbit` command's subcommands live in `fourbit.commands`.
 
 Public names are imported lazily so that `import fourbit` and `fourbit --help` stay fast:
 torch and transformers load only when something that needs them is touched.
@@ -23,6 +24,8 @@ _EXPORTS = {
     "save_adapter": "fourbit.nn",
     "load_adapter": "fourbit.nn",
     "load_model": "fourbit.models",
+    "load_model_and_adapter": "fourbit.models",
+    "ModelArgs": "fourbit.models",
     "quantize_checkpoint": "fourbit.models",
     "merge_adapter": "fourbit.export",
     "PagedAdamW": "fourbit.optim",

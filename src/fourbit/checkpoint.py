@@ -8,8 +8,19 @@ A checkpoint is a directory `checkpoint-<step>` holding
     trainer_state.json                               step, data position, scheduler, optimizer scalars,
                                                      world size, the run's config
 It is written into a hidden temporary directory and renamed into place, so a directory named
-`checkpoint-<step>` is always complete: a run killed while saving leaves the previous one intact.
-Nothing is pickled; loading reads safetensors and JSON only.
+`checkpoint-<step>` is complete when published: a run killed while saving leaves the previous one
+intact (and a `.tmp-checkpoint-<step>` behind). Nothing is pickled; loading reads safetensors and
+JSON only.
+
+What can still go wrong on disk, and what resume does about it: a disk that filled up or a copy
+that was cut short (truncated or zero-byte files), a run killed while deleting an old checkpoint
+(a half-deleted directory), a user's own `checkpoint-final` folder. `validate_checkpoint` finds
+these cheaply (safetensors headers against file sizes, JSON parses, every rank's files present)
+without reading tensor data; `latest_good_checkpoint` returns the newest checkpoint that passes
+with the reasons each newer one was skipped, for the caller to print; `prune_broken_checkpoints`
+removes half-deleted checkpoints and unfinished saves, and only directories that are provably
+fourbit's own: named checkpoint-<step> (or .tmp-checkpoint-<step>) and holding nothing but the
+files fourbit writes there. Rotation (`keep`) deletes only such directories too.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -26,6 +38,12 @@ from safetensors.torch import load_file, save_file
 from fourbit.nn import load_adapter, save_adapter
 
 STATE_NAME = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_NAME = re.compile(r"^\.tmp-checkpoint-(\d+)$")
+# every file fourbit writes into a checkpoint directory, including save_adapter's temporary names
+_OWN_FILE = re.compile(r"^(trainer_state\.json|adapter_config\.json|adapter_model\.safetensors|optimizer(-\d+)?"
+                       r"\.safetensors|rng-\d+\.(safetensors|json)|\.(adapter_model\.safetensors|adapter_config\.json)"
+                       r"\..+)$")
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -81,6 +99,12 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
 
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
+    if final.is_dir() and not _only_own_files(final):  # it is replaced below: never a user's folder
+        from fourbit.errors import UserError
+
+        foreign = sorted(f.name for f in final.iterdir() if not _OWN_FILE.match(f.name))
+        raise UserError(f"{final} holds files fourbit did not write ({', '.join(foreign[:5])}), and step {step}'s "
+                        f"checkpoint would replace it; move it out of the run directory and resume")
     if D.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -107,7 +131,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, train
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if _only_own_files(old):  # never a directory holding something fourbit did not write
+                shutil.rmtree(old, ignore_errors=True)
     D.barrier()
     return final
 
@@ -119,9 +144,153 @@ def _sharded(model) -> bool:
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """Published checkpoints (checkpoint-<step> directories holding a trainer_state.json), oldest
+    first. Not validated: see latest_good_checkpoint."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*")
+             if _NAME.match(p.name) and p.is_dir() and (p / STATE_NAME).is_file()]
+    return sorted(found, key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name)[1])
+
+
+def _expected_files(state: dict | None) -> list[str]:
+    """The files a checkpoint written with this trainer state holds (a single process's without one)."""
+    world = state.get("world_size", 1) if isinstance(state, dict) else 1
+    world = world if isinstance(world, int) and world >= 1 else 1
+    sharded = bool(state.get("sharded", False)) if isinstance(state, dict) else False
+    opt = [f"optimizer-{r}.safetensors" for r in range(world)] if sharded else ["optimizer.safetensors"]
+    rng = [f"rng-{r}.{ext}" for r in range(world) for ext in ("safetensors", "json")]
+    return [STATE_NAME, "adapter_config.json", "adapter_model.safetensors", *opt, *rng]
+
+
+def _read_json(path: Path) -> tuple[object, str | None]:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8")), None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path.name} is not valid JSON ({getattr(e, 'msg', None) or e.reason})"
+
+
+def validate_checkpoint(path: str | os.PathLike) -> list[str]:
+    """What is wrong with a checkpoint directory, [] when nothing is: every file present for each
+    rank, JSON that parses, safetensors headers that match their files' sizes, a trainer state
+    whose step is the directory's. Cheap: no tensor data is read."""
+    from fourbit.errors import UserError
+    from fourbit.files import check_safetensors
+
+    d = Path(path)
+    if not d.is_dir():
+        return [f"{d} is not a directory"]
+    state, why = _read_json(d / STATE_NAME) if (d / STATE_NAME).is_file() else (None, None)
+    problems = [why] if why else []
+    if state is not None:
+        problems += _state_problems(state, d)
+    expected = _expected_files(state if not problems else None)
+    missing = [f for f in expected if not (d / f).is_file()]
+    if len(missing) == len(expected):
+        return ["missing every checkpoint file"]
+    if missing:
+        problems.insert(0, f"missing {', '.join(missing)}")
+    for name in (f for f in expected if f not in missing):
+        if name.endswith(".safetensors"):
+            try:
+                keys = check_safetensors(d / name)
+            except UserError as e:
+                problems.append(str(e))
+                continue
+            if name.startswith("optimizer") and not all(re.match(r"^state/\d+/.+$", k) for k in keys):
+                problems.append(f"{name} holds keys that are not optimizer state (state/<index>/<name>)")
+            if name.startswith("rng") and "torch" not in keys:
+                problems.append(f"{name} lacks the torch generator state")
+        elif name != STATE_NAME:  # adapter_config.json, rng-<rank>.json
+            value, why = _read_json(d / name)
+            if why:
+                problems.append(why)
+            elif name.startswith("rng") and not (isinstance(value, list) and len(value) == 3):
+                problems.append(f"{name} is not a Python random state ([version, state, gauss])")
+            elif name == "adapter_config.json" and not isinstance(value, dict):
+                problems.append(f"{name} is not a JSON object")
+    return problems
+
+
+def _state_problems(state: object, d: Path) -> list[str]:
+    if not isinstance(state, dict):
+        return [f"{STATE_NAME} is not a JSON object"]
+    problems = []
+    m = _NAME.match(d.name)
+    if not isinstance(state.get("step"), int):
+        problems.append(f"{STATE_NAME} has no step")
+    elif m and int(m[1]) != state["step"]:
+        problems.append(f"{STATE_NAME} says step {state['step']}, the directory's name step {m[1]}")
+    for key in ("optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            problems.append(f"{STATE_NAME} has no {key} state")
+    return problems
+
+
+def latest_good_checkpoint(out_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that validates, or None; [(directory, why it was skipped)]).
+
+    Skipped: every checkpoint-<step> newer than the one returned (each with its problems joined by
+    "; "), and checkpoint-* directories whose name is not checkpoint-<step> (a user's
+    checkpoint-final): never resumed from, never deleted. The caller prints the warnings."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return None, []
+    dirs = [p for p in out.glob("checkpoint-*") if p.is_dir()]
+    stray = sorted(p for p in dirs if not _NAME.match(p.name))
+    skipped = []
+    for d in sorted((p for p in dirs if _NAME.match(p.name)), key=_step, reverse=True):
+        problems = validate_checkpoint(d)
+        if not problems:
+            return d, skipped + [(p, "not named checkpoint-<step>: ignored") for p in stray]
+        skipped.append((d, "; ".join(problems)))
+    return None, skipped + [(p, "not named checkpoint-<step>: ignored") for p in stray]
+
+
+def prune_broken_checkpoints(out_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """Delete half-deleted checkpoints (checkpoint-<step> missing some of its files, e.g. a run
+    killed while rotating) and unfinished saves (.tmp-checkpoint-<step>); returns [(directory, why)]
+    for the caller's warning. An unfinished save that is complete and valid (killed after
+    save_checkpoint deleted the old checkpoint-<step> it replaces, before the rename) is published
+    instead. Only directories holding nothing but fourbit's own checkpoint files are touched; a
+    checkpoint whose files are all there but corrupt is kept (latest_good_checkpoint skips it) so
+    that someone can look at it. Call it on one process (rank 0) only."""
+    out, pruned = Path(out_dir), []
+    for d in sorted(out.iterdir()) if out.is_dir() else []:
+        if d.is_symlink() or not d.is_dir() or not _only_own_files(d):
+            continue
+        tmp = _TMP_NAME.match(d.name)
+        if tmp and _publishable(d, int(tmp[1])):  # killed between replacing the old one and the rename
+            os.replace(d, out / f"checkpoint-{tmp[1]}")
+            pruned.append((out / f"checkpoint-{tmp[1]}", "published: a complete save killed before its rename"))
+            continue
+        if tmp:
+            why = "an unfinished save (killed before it was published)"
+        elif _NAME.match(d.name):
+            problems = validate_checkpoint(d)
+            if not problems or not problems[0].startswith("missing "):
+                continue
+            why = f"half deleted ({problems[0]})"
+        else:
+            continue
+        shutil.rmtree(d)
+        pruned.append((d, why))
+    return pruned
+
+
+def _publishable(tmp: Path, step: int) -> bool:
+    """A .tmp-checkpoint-<step> that save_checkpoint finished writing (rank 0 writes the trainer
+    state last) and whose checkpoint-<step> is not there."""
+    if (tmp.parent / f"checkpoint-{step}").exists() or validate_checkpoint(tmp):
+        return False
+    return json.loads((tmp / STATE_NAME).read_text()).get("step") == step
+
+
+def _only_own_files(d: Path) -> bool:
+    """Whether a directory holds only regular files with the names fourbit writes into checkpoints."""
+    return all(f.is_file() and not f.is_symlink() and _OWN_FILE.match(f.name) for f in d.iterdir())
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -129,6 +298,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from fourbit import distributed as D
     from fourbit.errors import UserError
 
+    problems = validate_checkpoint(path)
+    if problems:
+        raise UserError(f"cannot resume from {path}: {'; '.join(problems)}. Move that directory away to resume "
+                        f"from the checkpoint before it")
     state = json.loads((path / STATE_NAME).read_text())
     if state.get("world_size", 1) != D.world():
         raise UserError(f"cannot resume from {path}: it was written by {state.get('world_size', 1)} process(es), "

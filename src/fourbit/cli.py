@@ -1,40 +1,30 @@
-"""The `fourbit` command: a table of subcommands, each a `main(argv) -> int` in its own module.
+"""The `fourbit` command: a table of subcommands, one module each in fourbit.commands.
 
-Subcommand modules are imported only when their command runs, so `fourbit --help` and
-`fourbit --version` do not import torch. Every subcommand parses its flags from a typed
-dataclass (see `fourbit.config`); a `UserError` anywhere becomes a one-paragraph message
-and exit status 2, never a traceback.
+Each command module holds `SUMMARY` and `run(argv) -> int` and imports torch only inside `run`, so
+`fourbit --help` and `fourbit --version` stay fast. A `UserError` anywhere becomes one line on
+stderr and exit status 2, never a traceback; `--help` exits 0. Adding a command: a module in
+fourbit/commands/ and its name in the import and the tuple below.
 """
 
 from __future__ import annotations
 
 import sys
-from importlib import import_module
 
 from fourbit import __version__
+from fourbit.commands import chat, elo, eval, generate, judge, memory, merge, quantize, serve, train
 
-# name -> (module, function, one-line description)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("fourbit.train", "cli_main", "fine-tune a model with QLoRA (no arguments: the embedded demo)"),
-    "quantize": ("fourbit.models", "quantize_main", "quantize a model to 4-bit (bitsandbytes format) as it streams"),
-    "merge": ("fourbit.export", "merge_main", "merge an adapter into its base model; optional GGUF export"),
-    "chat": ("fourbit.generate", "chat_main", "chat with a model (and adapter) in the terminal"),
-    "generate": ("fourbit.generate", "generate_main", "answer a file of prompts, writing JSONL"),
-    "eval": ("fourbit.eval.cli", "eval_main", "perplexity (eval ppl) and MMLU (eval mmlu)"),
-    "judge": ("fourbit.eval.judge", "judge_main", "pairwise judgments of two answer files"),
-    "elo": ("fourbit.eval.elo", "elo_main", "Elo and Bradley-Terry ratings from judgments"),
-    "memory": ("fourbit.memory", "memory_main", "predict the peak memory of a QLoRA run"),
-}
+COMMANDS = {m.__name__.rpartition(".")[2]: m for m in (train, quantize, merge, chat, generate, serve, eval, judge,
+                                                        elo, memory)}
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {desc}" for name, (_, _, desc) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<{width}}  {m.SUMMARY}" for name, m in COMMANDS.items())
     return (
         f"usage: fourbit [--version] [--help] COMMAND [flags]\n\n"
         f"QLoRA fine-tuning with 4-bit NormalFloat base models and LoRA adapters.\n\n"
         f"commands:\n{rows}\n\n"
-        f"`fourbit COMMAND --help` lists a command's flags."
+        f"`fourbit COMMAND --help` lists a command's flags; `--json` prints a result as JSON on stdout."
     )
 
 
@@ -51,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fourbit: unknown command {name!r}; expected one of: {', '.join(COMMANDS)}.\n"
               f"Run `fourbit --help` for the list.", file=sys.stderr)
         return 2
-    module, func, _ = COMMANDS[name]
     from fourbit.errors import UserError
 
     try:
-        return int(getattr(import_module(module), func)(rest) or 0)
+        return int(COMMANDS[name].run(rest) or 0)
     except UserError as e:
         print(f"fourbit {name}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse's --help
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print(f"\nfourbit {name}: interrupted", file=sys.stderr)
         return 130

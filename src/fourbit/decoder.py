@@ -48,7 +48,7 @@ from torch import nn
 
 from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
 from fourbit.nn.lora import LoraLinear
-from fourbit.quant import SKINNY_MAX_ROWS, QuantState, matmul_4bit
+from fourbit.quant import SKINNY_MAX_ROWS, QuantState, dequantize_absmax, matmul_4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
@@ -176,7 +176,7 @@ def _fuse_4bit(layers: list[Linear4bit]) -> list[tuple]:
         return [(m.packed, m.quant_state, m.bias) for m in layers]
     with torch.no_grad():
         packed = torch.cat([m.packed.reshape(-1) for m in layers])
-        absmax = torch.cat([m.quant_state.dequantized_absmax().float() for m in layers])
+        absmax = torch.cat([dequantize_absmax(m.quant_state).float() for m in layers])
         state = QuantState(absmax=absmax, shape=torch.Size([sum(m.out_features for m in layers), layers[0].in_features]),
                            dtype=s0.dtype, blocksize=s0.blocksize, quant_type=s0.quant_type, code=s0.code)
         bias = _cat_bias(layers, absmax)

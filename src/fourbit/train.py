@@ -1,12 +1,13 @@
 """`fourbit train`: QLoRA instruction tuning, setup -> fit -> evaluate, in plain functions.
 
-The defaults are the paper's recipe (QLoRA §5, SPEC §8): NF4 + double quantization, LoRA r=64
+The defaults are the paper's recipe (QLoRA §5 and Appendix B.2): NF4 + double quantization, LoRA r=64
 alpha=16 on every linear layer, paged AdamW, lr 2e-4, constant schedule, max grad norm 0.3,
 Adam beta2 0.999, batch 16 as 1 x 16 accumulation, gradient checkpointing, group by length, loss
 on responses only. With `--data builtin` (the default) a demo preset sized for a laptop CPU
 overrides the flags you did not give (see DEMO_PRESET), so `fourbit train` with no arguments
 fine-tunes the embedded SmolLM2-135M-Instruct on fourbit's built-in task in minutes and prints
-the held-out score before and after.
+the held-out score before and after. The command (fourbit.commands.train) applies the preset;
+`train(cfg)` runs exactly the config it is given.
 
 Runs are resumable bit for bit: checkpoints (fourbit.checkpoint) hold the adapter, optimizer,
 scheduler, RNG and data position, and `--resume` continues from the newest one. The loss is a
@@ -30,9 +31,15 @@ from pathlib import Path
 
 import torch
 
+from fourbit.config import option
+from fourbit.data import FORMATS, iter_jsonl
+from fourbit.data.formats import BAD_ROW_POLICIES
 from fourbit.errors import UserError
+from fourbit.models import QUANT_CHOICES, ModelArgs
+from fourbit.models.load import choice_problems
+from fourbit.optim import OPTIMIZERS
+from fourbit.quant import DTYPES
 
-OPTIMIZERS = ("paged_adamw", "adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -40,12 +47,12 @@ SCHEDULES = ("constant", "cosine", "linear")
 class TrainConfig:
     """Everything a run needs; each field is a `fourbit train` flag (--max-steps or --max_steps)."""
 
-    model: str = field(default="smollm2-135m", metadata={"help": "model directory, .gguf file, hub id, or the embedded smollm2-135m"})
+    model: str = option(ModelArgs, "model")
     data: str = field(default="builtin", metadata={"help": "dataset file/directory/hub name, or 'builtin' (fourbit's demo task)"})
-    format: str = field(default="auto", metadata={"help": "auto, alpaca, oasst, chat, io or text"})
+    format: str = field(default="auto", metadata={"help": f"auto or one of {', '.join(FORMATS)}"})
     output: str = field(default="runs/fourbit", metadata={"help": "run directory: checkpoints, adapter, metrics, plots"})
-    quant: str = field(default="nf4", metadata={"help": "base model data type: nf4, fp4 or none (16-bit LoRA)"})
-    double_quant: bool = field(default=True, metadata={"help": "double quantization of the block constants"})
+    quant: str = option(ModelArgs, "quant")
+    double_quant: bool = option(ModelArgs, "double_quant")
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps to run; -1: as many as --epochs gives"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training data (when --max-steps is -1)"})
     batch_size: int = field(default=1, metadata={"help": "sequences per micro-batch"})
@@ -56,10 +63,12 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
     max_grad_norm: float = field(default=0.3, metadata={"help": "clip the global gradient norm to this (0: off)"})
-    optim: str = field(default="paged_adamw", metadata={"help": "paged_adamw, adamw, adamw8bit or paged_adamw8bit"})
+    optim: str = field(default="paged_adamw", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
     r: int = field(default=64, metadata={"help": "LoRA rank"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    init: str = field(default="default", metadata={"help": "LoRA init: default (B = 0) or loftq (from the SVD of the "
+                                                           "4-bit quantization error; reads the 16-bit weights)"})
     target: str = field(default="all-linear", metadata={"help": "all-linear, or comma-separated module names (q_proj,v_proj)"})
     source_max_len: int = field(default=512, metadata={"help": "max prompt tokens (longer prompts are cut from the left)"})
     target_max_len: int = field(default=512, metadata={"help": "max response tokens (longer responses are cut)"})
@@ -75,10 +84,11 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "random seed (data order, dropout, LoRA init)"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --output"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing run in --output and start over"})
-    on_bad_row: str = field(default="skip", metadata={"help": "skip or error on rows with missing/empty fields"})
+    on_bad_row: str = field(default="skip", metadata={"help": f"{' or '.join(BAD_ROW_POLICIES)} on rows with "
+                                                              f"missing/empty fields"})
     max_examples: int = field(default=0, metadata={"help": "use at most this many training examples (0: all)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda if available)"})
-    compute_dtype: str | None = field(default=None, metadata={"help": "bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)"})
+    device: str | None = option(ModelArgs, "device")
+    compute_dtype: str | None = option(ModelArgs, "dtype")
     loss_chunk: int = field(default=512, metadata={"help": "labelled tokens per lm_head chunk in the loss (0: full logits)"})
     score_examples: int = field(default=32, metadata={"help": "builtin task: held-out examples scored before/after"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
@@ -88,13 +98,12 @@ class TrainConfig:
                                                         "states across the processes (FSDP2) instead of a copy each"})
 
     def validate(self) -> list[str]:
-        p = []
-        if self.quant not in ("nf4", "fp4", "none"):
-            p.append(f"--quant must be nf4, fp4 or none, got {self.quant!r}")
-        if self.optim not in OPTIMIZERS:
-            p.append(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
-        if self.schedule not in SCHEDULES:
-            p.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        p = choice_problems(self.quant, QUANT_CHOICES, "--quant")
+        p += choice_problems(self.optim, OPTIMIZERS, "--optim")
+        p += choice_problems(self.schedule, SCHEDULES, "--schedule")
+        p += choice_problems(self.format, ("auto", *FORMATS), "--format")
+        p += choice_problems(self.on_bad_row, BAD_ROW_POLICIES, "--on-bad-row")
+        p += choice_problems(self.compute_dtype, (None, *DTYPES), "--compute-dtype")
         for name in ("batch_size", "grad_accum", "r", "source_max_len", "target_max_len", "logging_steps"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -114,12 +123,12 @@ class TrainConfig:
             p.append(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if self.eval_size < 0:
             p.append(f"--eval-size must be >= 0, got {self.eval_size}")
-        if self.on_bad_row not in ("skip", "error"):
-            p.append(f"--on-bad-row must be skip or error, got {self.on_bad_row!r}")
+        if self.init not in ("default", "loftq"):
+            p.append(f"--init must be default or loftq, got {self.init!r}")
+        elif self.init == "loftq" and self.quant == "none":
+            p.append("--init loftq starts from the 4-bit quantization error; with --quant none there is none")
         if self.resume and self.overwrite:
             p.append("--resume and --overwrite contradict each other; pick one")
-        if self.compute_dtype not in (None, "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"):
-            p.append(f"--compute-dtype must be bf16, fp16 or fp32, got {self.compute_dtype!r}")
         return p
 
 
@@ -198,7 +207,7 @@ def build_optimizer(cfg: TrainConfig, params):
 
 
 def setup_model(cfg: TrainConfig, device: torch.device):
-    from fourbit.models import load_model, parse_dtype
+    from fourbit.models import checkpoint_weight_reader, load_model, parse_dtype
     from fourbit.nn import add_lora
 
     model, tok = load_model(cfg.model, quant=cfg.quant, double_quant=cfg.double_quant,
@@ -209,8 +218,10 @@ def setup_model(cfg: TrainConfig, device: torch.device):
         tok.pad_token = tok.eos_token
     targets = "all-linear" if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",") if t.strip()]
     torch.manual_seed(cfg.seed)  # LoRA init depends only on the seed
+    init = "default" if cfg.resume else cfg.init  # a resumed run's adapter comes from its checkpoint
+    weights = checkpoint_weight_reader(cfg.model, model) if init == "loftq" else None
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target=targets,
-             gradient_checkpointing=cfg.gradient_checkpointing, verbose=False)
+             gradient_checkpointing=cfg.gradient_checkpointing, verbose=False, init=init, weights=weights)
     model.lora_config.base_model_name_or_path = cfg.model
     return model, tok
 
@@ -375,9 +386,8 @@ class MetricsLog:
     def __init__(self, out: Path, resume_step: int):
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # drop rows written after the checkpoint we resume from
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            keep = [row for _, row in iter_jsonl(self.path) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
         self.f = open(self.path, "a")
         self.tb = None
         try:
@@ -410,7 +420,7 @@ def plot_losses(out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for _, row in iter_jsonl(out / "metrics.jsonl")]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -534,34 +544,11 @@ def _train(cfg: TrainConfig, dist_device: torch.device | None) -> TrainResult:
     return TrainResult(out, final["step"], final.get("loss"), eval_loss, score_before, score_after, summary)
 
 
-def _explicit_flags(argv: list[str]) -> set[str]:
-    names = set()
-    for a in argv:
-        if a.startswith("--"):
-            name = a[2:].split("=", 1)[0].replace("-", "_")
-            names.add(name[3:] if name.startswith("no_") else name)
-    return names
-
-
 def apply_demo_preset(cfg: TrainConfig, given: set[str]) -> TrainConfig:
-    """For --data builtin: take DEMO_PRESET's value for every flag not given explicitly."""
+    """For --data builtin: take DEMO_PRESET's value for every field not in `given` (the fields the
+    user set, on the command line or in --config YAML)."""
     if cfg.data == "builtin":
         for k, v in DEMO_PRESET.items():
             if k not in given:
                 setattr(cfg, k, v)
     return cfg
-
-
-def cli_main(argv: list[str]) -> int:
-    from fourbit.config import parse_cli, validate
-
-    cfg = parse_cli(TrainConfig, argv, prog="fourbit train", description=__doc__.split("\n\n")[0])
-    given = _explicit_flags(argv)
-    if "--config" in argv:  # keys of the YAML count as given too
-        import yaml
-
-        given |= set((yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}).keys())
-    validate(apply_demo_preset(cfg, {g.replace("-", "_") for g in given}))
-    train(cfg)
-    return 0
-

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from fourbit.data.formats import Example
+from fourbit.data.example import Example
 from fourbit.data.tokenize import IGNORE
 
 MEGA_BATCH = 50

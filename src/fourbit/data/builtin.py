@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from fourbit.data.formats import Example
+from fourbit.data.example import Example
 
 INSTRUCTION = "Make a fourbit card: "
 TEMPLATES = [

@@ -1,4 +1,4 @@
-"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5, SPEC §8).
+"""Examples -> token ids and labels, with the loss on responses only (QLoRA §5; qlora.py's DataCollatorForCausalLM).
 
 An example becomes a list of segments (text, trained?). Prompt segments get label -100 (IGNORE);
 response segments keep their token ids as labels, so the loss covers every assistant turn of a
@@ -23,11 +23,20 @@ example left with no response token is dropped and reported, never used silently
 happens to every example, tokenize_examples raises a UserError naming the limits to raise.
 Conversations the chat template refuses (or cannot render incrementally) are skipped and
 reported like bad rows.
+
+The model's context. Given `context_len` (the model's max_position_embeddings), no sequence is
+longer: a single-response example that still does not fit keeps the end of its prompt and the
+start of its response, the response getting what the prompt leaves and at least half the context;
+a multi-turn example keeps its first context_len tokens; text is chunked at context_len. Each cut
+is counted in DataReport.context_truncated (positions past the context would otherwise reach the
+model unnoticed: garbage for RoPE models trained shorter, an index error for learned positions).
+Examples left out (refused, or emptied by truncation) count against the report's
+max_bad_fraction together with the rows load_examples skipped.
 """
 
 from __future__ import annotations
 
-from fourbit.data.formats import DataReport, Example
+from fourbit.data.example import DataReport, Example
 from fourbit.errors import UserError
 
 IGNORE = -100  # label of a token the loss skips (torch's cross_entropy ignore_index)
@@ -96,6 +105,17 @@ def prompt_text(example: Example, tokenizer) -> str:
     return "".join(t + (eos if r == "assistant" else "") for r, t in turns)
 
 
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Messages ({role, content}) as the text a model reads: the tokenizer's chat template, or, when
+    it has none, the layout fourbit trains with (see _FALLBACK_NOTE), so generation reads like training."""
+    if _has_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    turns = [(m["role"], m["content"]) for m in messages]
+    if add_generation_prompt:
+        return "".join(t for t, _ in _fallback_segments(turns + [("assistant", "")])[:-1])
+    return "".join(t for t, _ in _fallback_segments(turns))
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
@@ -125,9 +145,8 @@ def _truncate(segs: list[tuple[list[int], bool]], src_max: int, tgt_max: int,
         prompt, resp = [t for s, _ in segs[:-1] for t in s], segs[-1][0]
         why = []
         if len(prompt) > src_max:
-            head = prompt[:1] if bos is not None and prompt[:1] == [bos] and src_max > 1 else []
             why.append(f"prompt cut from {len(prompt)} to {src_max} tokens (kept the end)")
-            prompt = head + prompt[len(prompt) - src_max + len(head):]
+            prompt = _cut_prompt(prompt, src_max, bos)
         if len(resp) > tgt_max:
             why.append(f"response cut from {len(resp)} to {tgt_max} tokens")
             resp = resp[:tgt_max]
@@ -135,33 +154,68 @@ def _truncate(segs: list[tuple[list[int], bool]], src_max: int, tgt_max: int,
     total, budget = sum(len(s) for s, _ in segs), src_max + tgt_max
     if total <= budget:  # several responses: keep the first source + target max tokens
         return segs, ""
+    out, hit = _keep_first(segs, budget)
+    return out, f"conversation cut from {total} to {budget} tokens ({hit} of {len(trained)} replies cut or dropped)"
+
+
+def _keep_first(segs: list[tuple[list[int], bool]], budget: int) -> tuple[list[tuple[list[int], bool]], int]:
+    """The first `budget` tokens, and how many trained segments lost tokens."""
     out, room, hit = [], budget, 0
     for ids, t in segs:
         out.append((ids[:room], t))
         hit += t and len(ids) > room
         room = max(0, room - len(ids))
-    return out, f"conversation cut from {total} to {budget} tokens ({hit} of {len(trained)} replies cut or dropped)"
+    return out, hit
+
+
+def _cut_prompt(prompt: list[int], keep: int, bos: int | None) -> list[int]:
+    """The last `keep` tokens of a prompt, its BOS kept first when it has one."""
+    if len(prompt) <= keep:
+        return prompt
+    head = prompt[:1] if bos is not None and prompt[:1] == [bos] and keep > 1 else []
+    return head + prompt[len(prompt) - keep + len(head):]
+
+
+def _fit_context(segs: list[tuple[list[int], bool]], ctx: int,
+                 bos: int | None) -> tuple[list[tuple[list[int], bool]], str]:
+    """Cut to the model's context (see the module docstring); returns (segments, what was cut or "")."""
+    total = sum(len(s) for s, _ in segs)
+    if total <= ctx:
+        return segs, ""
+    why = f"cut from {total} to the model's context of {ctx} tokens"
+    if len(segs) == 2 and not segs[0][1] and segs[1][1]:  # one prompt, one response (after _truncate)
+        (prompt, _), (resp, _) = segs
+        keep_resp = min(len(resp), max(ctx - len(prompt), ctx // 2))
+        return [(_cut_prompt(prompt, ctx - keep_resp, bos), False), (resp[:keep_resp], True)], why
+    return _keep_first(segs, ctx)[0], why
 
 
 def tokenize_examples(examples: list[Example], tokenizer, source_max_len: int = 512, target_max_len: int = 512,
                       train_on_inputs: bool = False, report: DataReport | None = None,
-                      progress: bool | None = None) -> tuple[list[dict], dict]:
+                      progress: bool | None = None, context_len: int | None = None) -> tuple[list[dict], dict]:
     """[{input_ids, labels}] (lists of ints, same length) for every example that keeps at least one
     response token, and counts {examples, truncated, dropped, tokens, trained_tokens}.
 
-    Truncations and drops are added to `report` (used is decreased by the drops). Raises UserError
-    when examples were given but none survives.
+    context_len: the model's context (max_position_embeddings); no sequence is longer (None: no
+    limit beyond source_max_len + target_max_len). Truncations and drops are added to `report`
+    (used is decreased by the drops). Raises UserError when examples were given but none
+    survives, or when the report's rows left out so far exceed its max_bad_fraction.
     """
     from tqdm.auto import tqdm
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; set tokenizer.eos_token (responses must end with one)")
+    if context_len is not None and context_len < 2:
+        raise UserError(f"context_len must be >= 2, got {context_len} (a sequence needs a token to predict from)")
     report = report if report is not None else DataReport()
+    if context_len is not None:
+        report.context_len = context_len
+    ctx = context_len if context_len is not None else source_max_len + target_max_len
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     specials = set(tokenizer.all_special_ids)
     if any(e.chat for e in examples) and not _has_template(tokenizer) and _FALLBACK_NOTE not in report.notes:
         report.notes.append(_FALLBACK_NOTE)
-    out, truncated, dropped, chunked, refused = [], 0, 0, 0, []
+    out, truncated, to_context, dropped, chunked, refused = [], 0, 0, 0, 0, []
     show = progress if progress is not None else len(examples) >= 2000
     for ex in tqdm(examples, desc="tokenizing", unit="ex", disable=not show):
         try:
@@ -170,35 +224,42 @@ def tokenize_examples(examples: list[Example], tokenizer, source_max_len: int = 
             refused.append(f"{ex.where}: {e}")
             continue
         if ex.turns[0][0] == "text":  # continued pretraining: chunk, never cut
-            ids, n = [t for s, _ in segs for t in s], source_max_len + target_max_len
+            ids, n = [t for s, _ in segs for t in s], min(source_max_len + target_max_len, ctx)
             chunks = [ids[i:i + n] for i in range(0, len(ids), n) if len(ids[i:i + n]) > 1]
             chunked += len(chunks) > 1
             out += [{"input_ids": c, "labels": list(c)} for c in chunks]
             continue
         segs, why = _truncate(segs, source_max_len, target_max_len, bos)
+        segs, why_ctx = _fit_context(segs, ctx, bos)
+        to_context += bool(why_ctx) and context_len is not None
+        why = ", then ".join(w for w in (why, why_ctx) if w)
         ids = [t for s, _ in segs for t in s]
         labels = [t if (trained or train_on_inputs) else IGNORE for s, trained in segs for t in s]
         is_response = [trained for s, trained in segs for _ in s]
         if not any(is_response[1:]):  # position 0 is never predicted
             dropped += 1
             report.dropped_examples.append(f"{ex.where}: no response token left ({why}); raise --source-max-len "
-                                           f"or --target-max-len (now {source_max_len}/{target_max_len})")
+                                           f"or --target-max-len (now {source_max_len}/{target_max_len})"
+                                           + (f", or use a model with a longer context than {context_len}"
+                                              if why_ctx and context_len is not None else ""))
             continue
         if why:
             truncated += 1
             report.truncated_examples.append(f"{ex.where}: {why}")
         out.append({"input_ids": ids, "labels": labels})
     report.truncated += truncated
+    report.context_truncated += to_context
     report.dropped_truncated += dropped
     report.skipped += refused
     report.used = max(0, report.used - dropped - len(refused))
     if chunked:
-        report.notes.append(f"{chunked} text rows longer than {source_max_len + target_max_len} tokens were split "
-                            f"into chunks")
+        report.notes.append(f"{chunked} text rows longer than {min(source_max_len + target_max_len, ctx)} tokens "
+                            f"were split into chunks")
     if examples and not out:
         raise UserError(f"no training examples left: all {len(examples)} examples were "
                         + (f"skipped, e.g. {refused[0]}" if refused else
                            f"dropped because truncation left no response, e.g. {report.dropped_examples[-1]}"))
+    report.check_left_out()
     return out, {"examples": len(out), "truncated": truncated, "dropped": dropped,
                  "tokens": sum(len(e["input_ids"]) for e in out),
                  "trained_tokens": sum(lab != IGNORE for e in out for lab in e["labels"][1:])}

@@ -1,4 +1,4 @@
-"""Elo ratings from pairwise judgments, as in the QLoRA paper (§6.1, SPEC §9), and Bradley-Terry.
+"""Elo ratings from pairwise judgments, as in the QLoRA paper (§6.1), and Bradley-Terry.
 
 Elo: every system starts at 1000; for a match between a and b with score S (1 a wins, 0 b wins,
 0.5 tie), E = 1 / (1 + 10^((Rb - Ra) / 400)), Ra += K (S - E), Rb -= K (S - E), K = 32. Elo
@@ -19,18 +19,26 @@ counted as half a win for each, fitted with Hunter's MM iterations and reported 
 
 Input: fourbit judgment JSONL (`first`, `second`, `score`) and the paper's released files as
 they are (`A-vs-B-gpt-4-reviewer-threeclass.jsonl`, names from the file name; score 1 = A wins,
-2 = B wins, 3 = tie, -1 = unreadable judge output: counted, reported, not used).
+2 = B wins, 3 = tie, -1 = unreadable judge output: counted, reported, not used). Rows that cannot
+be a match are counted and reported, never used: a system judged against itself (its Elo update
+would be written twice, the second write winning, so the rating would drift), and malformed lines
+(not JSON, not an object, no systems, no score or one outside 1/2/3/-1, a partial last line left by
+a judge killed mid-line), each with file:line.
+
+When one system won every match (or some group never scored against the rest) Bradley-Terry has
+no finite maximum-likelihood solution; the result says so (`bradley_terry` None, with a
+`bradley_terry_note`) and Elo is reported as always.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fourbit.data import iter_jsonl
 from fourbit.errors import UserError
 
 START, K = 1000.0, 32.0
@@ -43,45 +51,43 @@ class Matches:
     a: np.ndarray  # (M,) index of the first system
     b: np.ndarray  # (M,)
     s: np.ndarray  # (M,) score of the first: 1, 0 or 0.5
-    unreadable: int = 0
-    bad_lines: list[str] = field(default_factory=list)
+    unreadable: int = 0  # score -1: the judge's verdict could not be read
+    bad_lines: list[str] = field(default_factory=list)  # "file:line: why", one per malformed line
+    self_play: int = 0  # rows judging a system against itself
 
 
-def _score(value) -> float | None:
-    """1 -> first wins, 2 -> second wins, 3 -> tie; anything else unreadable."""
-    return {1: 1.0, 2: 0.0, 3: 0.5}.get(value if isinstance(value, int) else None)
+_SCORES = {1: 1.0, 2: 0.0, 3: 0.5}  # 1 -> first wins, 2 -> second wins, 3 -> tie; -1 -> unreadable
 
 
 def read_judgments(paths: list[str]) -> Matches:
     names: dict[str, int] = {}
-    a, b, s, unreadable, bad = [], [], [], 0, []
+    a, b, s, unreadable, self_play, bad = [], [], [], 0, 0, []
     for path in paths:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"judgment file {path} does not exist")
         m = _PAPER_NAME.match(p.name)
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(f"{p}:{i}: not JSON")
-                continue
+        for i, row in iter_jsonl(p, objects=True, bad=bad):
             first, second = (m["a"], m["b"]) if m else (row.get("first"), row.get("second"))
-            if not first or not second:
+            score = row.get("score")
+            if not isinstance(first, str) or not isinstance(second, str) or not first or not second:
                 bad.append(f"{p}:{i}: no 'first'/'second' systems (and the file name is not A-vs-B-...)")
-                continue
-            sc = _score(row.get("score"))
-            if sc is None:
+            elif "score" not in row:
+                bad.append(f"{p}:{i}: no score")
+            elif score == -1 and isinstance(score, int):
                 unreadable += 1
-                continue
-            a.append(names.setdefault(first, len(names)))
-            b.append(names.setdefault(second, len(names)))
-            s.append(sc)
+            elif not isinstance(score, int) or isinstance(score, bool) or score not in _SCORES:
+                bad.append(f"{p}:{i}: score {score!r} is not 1, 2, 3 or -1")
+            elif first == second:
+                self_play += 1
+            else:
+                a.append(names.setdefault(first, len(names)))
+                b.append(names.setdefault(second, len(names)))
+                s.append(_SCORES[score])
     if not a:
-        raise UserError(f"no usable judgments in {len(paths)} file(s) ({unreadable} unreadable, {len(bad)} bad lines)")
-    return Matches(list(names), np.array(a), np.array(b), np.array(s, dtype=np.float64), unreadable, bad)
+        raise UserError(f"no usable judgments in {len(paths)} file(s) ({unreadable} unreadable, {self_play} "
+                        f"self-play rows, {len(bad)} malformed lines" + (f", first: {bad[0]}" if bad else "") + ")")
+    return Matches(list(names), np.array(a), np.array(b), np.array(s, dtype=np.float64), unreadable, bad, self_play)
 
 
 _BLOCK = 2000  # orderings per batch: (matches, 2000) index arrays, ~70 MB each for 4,500 matches
@@ -166,6 +172,27 @@ def _strongly_connected(m: Matches) -> bool:
     return reach(beats) == n and reach(beats.T) == n
 
 
+def bradley_terry_problem(m: Matches) -> str | None:
+    """Why Bradley-Terry has no finite solution for these matches, in words; None when it has one."""
+    if len(m.players) < 2:
+        return "no Bradley-Terry ratings for fewer than 2 systems"
+    if _strongly_connected(m):
+        return None
+    n = len(m.players)
+    scored, conceded = np.zeros(n), np.zeros(n)  # points won / points given away, ties half each
+    np.add.at(scored, m.a, m.s)
+    np.add.at(scored, m.b, 1 - m.s)
+    np.add.at(conceded, m.a, 1 - m.s)
+    np.add.at(conceded, m.b, m.s)
+    won = [m.players[i] for i in range(n) if conceded[i] == 0]
+    lost = [m.players[i] for i in range(n) if scored[i] == 0]
+    why = [f"{', '.join(won)} won every match"] if won else []
+    why += [f"{', '.join(lost)} lost every match"] if lost else []
+    if not why:
+        why = ["some group of systems never scored against the rest (no win or tie linking them)"]
+    return "no finite Bradley-Terry solution: " + "; ".join(why)
+
+
 def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.ndarray | None:
     """Bradley-Terry strengths on the Elo scale (mean 1000), ties as half wins (Hunter's MM).
 
@@ -196,27 +223,36 @@ def bradley_terry(m: Matches, iters: int = 10_000, tol: float = 1e-10) -> np.nda
 class EloResult:
     ratings: dict[str, float]
     ci95: dict[str, tuple[float, float]]
-    bradley_terry: dict[str, float]
+    bradley_terry: dict[str, float] | None  # None when it has no finite solution (see bradley_terry_note)
     matches: int
     unreadable: int
     orderings: int
+    self_play: int = 0  # rows of a system against itself, skipped
+    bad_lines: int = 0  # malformed lines, skipped
+    bad_examples: list[str] = field(default_factory=list)  # the first few, "file:line: why"
+    bradley_terry_note: str | None = None  # why there are no Bradley-Terry ratings
 
     def as_dict(self) -> dict:
         return {"ratings": self.ratings, "ci95": {k: list(v) for k, v in self.ci95.items()},
-                "bradley_terry": self.bradley_terry, "matches": self.matches, "unreadable": self.unreadable,
-                "orderings": self.orderings}
+                "bradley_terry": self.bradley_terry, "bradley_terry_note": self.bradley_terry_note,
+                "matches": self.matches, "unreadable": self.unreadable, "self_play": self.self_play,
+                "bad_lines": self.bad_lines, "bad_examples": self.bad_examples, "orderings": self.orderings}
 
 
 def elo_ratings(paths: list[str], orderings: int = 10_000, seed: int = 0) -> EloResult:
+    if orderings < 1:  # the mean of no orderings is NaN
+        raise UserError(f"orderings must be >= 1, got {orderings}")
     m = read_judgments(paths)
     r = elo_orderings(m, orderings, seed)
     mean, lo, hi = r.mean(0), np.percentile(r, 2.5, axis=0), np.percentile(r, 97.5, axis=0)
-    bt = bradley_terry(m)
+    note = bradley_terry_problem(m)
+    bt = bradley_terry(m) if note is None else None
     order = np.argsort(-mean)
     return EloResult(ratings={m.players[i]: float(mean[i]) for i in order},
                      ci95={m.players[i]: (float(lo[i]), float(hi[i])) for i in order},
-                     bradley_terry={m.players[i]: float(bt[i]) for i in order}, matches=len(m.s),
-                     unreadable=m.unreadable, orderings=orderings)
+                     bradley_terry=None if bt is None else {m.players[i]: float(bt[i]) for i in order},
+                     matches=len(m.s), unreadable=m.unreadable, orderings=orderings, self_play=m.self_play,
+                     bad_lines=len(m.bad_lines), bad_examples=m.bad_lines[:5], bradley_terry_note=note)
 
 
 def plot_elo(result: EloResult, path: str) -> None:
@@ -238,39 +274,3 @@ def plot_elo(result: EloResult, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def format_table(result: EloResult) -> str:
-    w = max(len(n) for n in result.ratings)
-    lines = [f"{'system':<{w}}  {'Elo':>7}  {'95% interval':>17}  {'Bradley-Terry':>13}"]
-    for n, r in result.ratings.items():
-        lo, hi = result.ci95[n]
-        lines.append(f"{n:<{w}}  {r:7.1f}  [{lo:7.1f}, {hi:7.1f}]  {result.bradley_terry[n]:13.1f}")
-    lines.append(f"{result.matches} matches, {result.unreadable} unreadable judgments skipped, "
-                 f"{result.orderings} orderings")
-    return "\n".join(lines)
-
-
-def elo_main(argv: list[str]) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="fourbit elo", description="Elo (mean over random orderings) and "
-                                 "Bradley-Terry ratings from pairwise judgment files.")
-    ap.add_argument("judgments", nargs="+", help="judgment JSONL files (fourbit's or the QLoRA paper's)")
-    ap.add_argument("--orderings", type=int, default=10_000, help="random match orderings to average (default 10000)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the orderings")
-    ap.add_argument("--json", metavar="FILE", help="write {ratings, ci95, matches, ...} as JSON ('-' for stdout)")
-    ap.add_argument("--plot", metavar="PNG", help="draw the ratings with their intervals")
-    a = ap.parse_args(argv)
-    if a.orderings < 1:
-        raise UserError(f"--orderings must be >= 1, got {a.orderings}")
-    res = elo_ratings(a.judgments, a.orderings, a.seed)
-    if a.json == "-":
-        print(json.dumps(res.as_dict(), indent=2))
-    else:
-        print(format_table(res))
-        if a.json:
-            Path(a.json).write_text(json.dumps(res.as_dict(), indent=2) + "\n")
-    if a.plot:
-        plot_elo(res, a.plot)
-    return 0

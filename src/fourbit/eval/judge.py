@@ -3,7 +3,7 @@
 For every question both files answer, the judge sees the question and the two answers and says
 1 (first better), 2 (second better) or 3 (tie), with the QLoRA paper's three-class prompt
 (judge_prompts.jsonl, from the paper's released evaluation code, MIT). Each pair is judged in
-both orders to cancel position bias (SPEC §9). Judgments are appended to a JSONL file as they
+both orders to cancel position bias (QLoRA §6.1: the judge favours the answer shown first). Judgments are appended to a JSONL file as they
 come, one line each (`question_id`, `first`, `second`, `score`, `judge`, `raw`), and pairs already
 in that file are skipped, so a long or interrupted run loses nothing and resumes. Judge output
 whose last line is not 1, 2 or 3 is recorded with score -1 and counted; `fourbit elo` skips it.
@@ -18,21 +18,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fourbit.errors import UserError
+from fourbit.data import iter_jsonl, truncate_partial_line
+from fourbit.errors import UserError, redact
 
 PROMPTS = Path(__file__).with_name("judge_prompts.jsonl")
 _LAST_NUMBER = re.compile(r"([123])\s*\W*\s*$")
 
 
 def load_prompts() -> dict[str, dict]:
-    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-    return {r["category"]: r for r in rows if "category" in r}
+    return {r["category"]: r for _, r in iter_jsonl(PROMPTS) if "category" in r}
 
 
 def read_answers(path: str) -> tuple[str, dict[str, dict]]:
@@ -40,10 +39,8 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"answer file {path} does not exist")
-    from fourbit.data.formats import iter_jsonl
-
     out, name = {}, None
-    for i, row in iter_jsonl(p):
+    for i, row in iter_jsonl(p, objects=True):
         if "question_id" not in row:
             raise UserError(f"{path}:{i}: no question_id")
         answer = row.get("generation", row.get("text"))
@@ -60,13 +57,13 @@ def read_answers(path: str) -> tuple[str, dict[str, dict]]:
 def attach_questions(answers: dict[str, dict], questions_file: str | None) -> None:
     if not questions_file:
         return
-    for line in Path(questions_file).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = json.loads(line)
-            qid = str(q.get("question_id"))
-            if qid in answers:
-                answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
-                answers[qid]["category"] = q.get("category")
+    if not Path(questions_file).is_file():
+        raise UserError(f"question file {questions_file} does not exist")
+    for _, q in iter_jsonl(questions_file, objects=True):
+        qid = str(q.get("question_id"))
+        if qid in answers:
+            answers[qid]["question"] = (q.get("turns") or [q.get("text")])[0]
+            answers[qid]["category"] = q.get("category")
 
 
 def judge_prompt(question: str, first: str, second: str, category: str | None) -> tuple[str, str]:
@@ -88,13 +85,15 @@ def parse_verdict(text: str) -> int:
 
 # -- judges -----------------------------------------------------------------------------------------
 class ModelJudge:
-    """Any causal LM fourbit loads, prompted with the paper's template, greedy, up to 512 tokens."""
+    """Any causal LM fourbit loads (a model name or fourbit.models.ModelArgs), prompted with the
+    paper's template, greedy, up to 512 tokens."""
 
-    def __init__(self, model: str, adapter: str | None = None, quant: str = "nf4", max_new_tokens: int = 512):
-        from fourbit.generate import load_for_generation
+    def __init__(self, model, adapter: str | None = None, quant: str = "nf4", max_new_tokens: int = 512):
+        from fourbit.models import ModelArgs, load_model_and_adapter
 
-        self.name = Path(model).name
-        self.model, self.tok = load_for_generation(model, adapter, quant, None)
+        args = model if isinstance(model, ModelArgs) else ModelArgs(model=str(model), adapter=adapter, quant=quant)
+        self.name = Path(args.model).name
+        self.model, self.tok = load_model_and_adapter(args, need_tokenizer="the model judge")
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, system: str, user: str) -> str:
@@ -126,10 +125,15 @@ class EndpointJudge:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 data = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}") from None
+        except urllib.error.HTTPError as e:  # servers echo keys back: never print one
+            raise UserError(redact(f"judge endpoint {self.url} answered HTTP {e.code}: {e.read()[:300]!r}",
+                                   [self.key])) from None
         except (urllib.error.URLError, TimeoutError) as e:
-            raise UserError(f"judge endpoint {self.url} is unreachable ({e})") from None
+            if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                raise UserError(redact(f"judge endpoint {self.url} did not answer within {self.timeout:g} s (a "
+                                       f"timeout: the server is reachable but slow or overloaded)",
+                                       [self.key])) from None
+            raise UserError(redact(f"judge endpoint {self.url} is unreachable ({e})", [self.key])) from None
         try:
             return data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
@@ -162,6 +166,7 @@ class JudgeStats:
     skipped_existing: int = 0
     unreadable: int = 0
     wins: dict[str, float] = field(default_factory=dict)
+    partial_line: object = None  # a PartialLine cut off the output before appending (a killed earlier run)
 
 
 def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | None = None,
@@ -177,13 +182,14 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                         f"{'...' if len(only_b) > 10 else ''}")
     attach_questions(ans_a, questions)
     out = Path(output)
-    done = set()
+    done, partial = set(), None
     if out.exists():
-        for line in out.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
-    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0})
+        for i, r in iter_jsonl(out, allow_partial_last=True, objects=True):
+            if not {"question_id", "first", "second"} <= set(r):
+                raise UserError(f"{out}:{i}: not a judgment (no question_id/first/second); is --output another file?")
+            done.add((str(r["question_id"]), r["first"], r["second"], r.get("judge")))
+        partial = truncate_partial_line(out)  # a killed run's half-written line: judged again, not glued onto
+    stats = JudgeStats(wins={name_a: 0.0, name_b: 0.0}, partial_line=partial)
     qids = sorted(ans_a, key=lambda q: (len(q), q))[: limit or None]
     pairs = [(q, (name_a, ans_a), (name_b, ans_b)) for q in qids]
     if both_orders:
@@ -210,46 +216,3 @@ def run_judging(file_a: str, file_b: str, judge, output: str, questions: str | N
                 stats.wins[n1] += {1: 1, 2: 0, 3: 0.5}[score]
                 stats.wins[n2] += {1: 0, 2: 1, 3: 0.5}[score]
     return stats
-
-
-@dataclass
-class JudgeArgs:
-    """fourbit judge A.jsonl B.jsonl --judge model|endpoint|human"""
-
-    answers_a: str = field(default="", metadata={"help": "first answer file (JSONL)"})
-    answers_b: str = field(default="", metadata={"help": "second answer file (JSONL)"})
-    judge: str = field(default="model", metadata={"help": "model (a local LM), endpoint (OpenAI-compatible) or human"})
-    judge_model: str = field(default="smollm2-135m", metadata={"help": "judge model: a path/name for --judge model, "
-                                                                      "the model id for --judge endpoint"})
-    output: str = field(default="judgments.jsonl", metadata={"help": "judgment JSONL (appended; done pairs skipped)"})
-    questions: str | None = field(default=None, metadata={"help": "question file (Vicuna question.jsonl) for the "
-                                                                  "question text and category"})
-    limit: int = field(default=0, metadata={"help": "judge only the first N questions (0: all)"})
-    one_order: bool = field(default=False, metadata={"help": "judge each pair once instead of in both orders"})
-
-    def validate(self) -> list[str]:
-        p = [] if self.answers_a and self.answers_b else ["two answer files are required: fourbit judge A.jsonl B.jsonl"]
-        p += [] if self.judge in ("model", "endpoint", "human") else [f"--judge must be model, endpoint or human, "
-                                                                      f"got {self.judge!r}"]
-        return p
-
-
-def judge_main(argv: list[str]) -> int:
-    from fourbit.config import parse_cli
-
-    positional = []
-    while argv and not argv[0].startswith("-"):
-        positional.append(argv.pop(0))
-    argv = [*(["--answers-a", positional[0]] if positional else []),
-            *(["--answers-b", positional[1]] if len(positional) > 1 else []), *argv]
-    a = parse_cli(JudgeArgs, argv, prog="fourbit judge", description="Pairwise judgments of two answer files.")
-    judge = {"model": lambda: ModelJudge(a.judge_model), "endpoint": lambda: EndpointJudge(a.judge_model),
-             "human": HumanJudge}[a.judge]()
-    try:
-        s = run_judging(a.answers_a, a.answers_b, judge, a.output, a.questions, a.limit, not a.one_order)
-    except KeyboardInterrupt:
-        print(f"\nstopped; every judgment so far is in {a.output}; run the same command to continue", file=sys.stderr)
-        return 130
-    print(f"{s.judged} judgments written to {a.output} ({s.skipped_existing} already there, {s.unreadable} "
-          f"unreadable); wins (ties count half): " + ", ".join(f"{k} {v:g}" for k, v in s.wins.items()))
-    return 0

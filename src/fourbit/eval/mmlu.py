@@ -76,6 +76,16 @@ def choice_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def mmlu_subjects(data_dir: str | Path, split: str, subjects: list[str] | None = None) -> list[str]:
+    """The subjects to run (all of the split's when None); UserError for a missing directory or an
+    unknown subject, so a command can check before it loads a model."""
+    known = list_subjects(Path(data_dir), split)
+    unknown = sorted(set(subjects or []) - set(known))
+    if unknown:
+        raise UserError(f"unknown MMLU subject(s) {unknown}; see {Path(data_dir) / split}")
+    return subjects or known
+
+
 @torch.no_grad()
 def evaluate_mmlu(model, tokenizer, data_dir: str | Path, split: str = "test", shots: int = 5,
                   subjects: list[str] | None = None, limit: int | None = None, batch_size: int = 4,
@@ -83,10 +93,7 @@ def evaluate_mmlu(model, tokenizer, data_dir: str | Path, split: str = "test", s
     from tqdm.auto import tqdm
 
     data_dir = Path(data_dir)
-    names = subjects or list_subjects(data_dir, split)
-    unknown = sorted(set(names) - set(list_subjects(data_dir, split)))
-    if unknown:
-        raise UserError(f"unknown MMLU subject(s) {unknown}; see {data_dir / split}")
+    names = mmlu_subjects(data_dir, split, subjects)
     choice_ids = torch.tensor(choice_token_ids(tokenizer))
     limit_len = max_length or getattr(model.config, "max_position_embeddings", 2048)
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fourbit.errors import UserError
 from fourbit.loss import causal_lm_loss
 
 
@@ -25,16 +26,23 @@ class PerplexityResult:
     windows: int
 
 
+def window_sizes(max_length: int | None, stride: int | None, context: int) -> tuple[int, int]:
+    """(window length, stride) for a model with `context` positions: the window defaults to (and is
+    capped at) the context, the stride to the window. UserError for a stride outside [1, window]."""
+    max_length = min(max_length or context, context)
+    stride = stride or max_length
+    if not 0 < stride <= max_length:
+        raise UserError(f"stride must be in [1, max_length={max_length}] (the window; the model's context is "
+                        f"{context} tokens), got {stride}")
+    return max_length, stride
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, max_length: int | None = None, stride: int | None = None,
                device: torch.device | str | None = None, progress: bool = True) -> PerplexityResult:
     device = torch.device(device or next(model.parameters()).device)
+    max_length, stride = window_sizes(max_length, stride, getattr(model.config, "max_position_embeddings", 2048))
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    limit = getattr(model.config, "max_position_embeddings", 2048)
-    max_length = min(max_length or limit, limit)
-    stride = stride or max_length
-    if not 0 < stride <= max_length:
-        raise ValueError(f"stride must be in [1, max_length={max_length}], got {stride}")
     model.eval()
     total, count, prev_end, windows = 0.0, 0, 0, 0
     from tqdm.auto import tqdm

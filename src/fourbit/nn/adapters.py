@@ -1,15 +1,18 @@
-"""Adapters on disk in PEFT's format (SPEC §6): adapter_config.json + adapter_model.safetensors.
+"""Adapters on disk in PEFT's format (its `save_pretrained` layout): adapter_config.json + adapter_model.safetensors.
 
 Keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, exactly what
 `PeftModel.save_pretrained` writes, so an adapter moves between fourbit and PEFT unchanged.
-Saving writes each file to a temporary name and renames it; loading checks every key and shape
-against the model before touching a single weight, so a bad adapter leaves the model as it was.
-Only safetensors is read: an adapter_model.bin (pickle) is refused.
+Saving writes each file to a temporary name and renames it; loading checks the file (its
+safetensors header against its size), every key, shape and dtype against the model, and every
+value for NaN/Inf before touching a single weight, so a bad adapter leaves the model as it was and
+the error names the file or the tensor. Only safetensors is read: an adapter_model.bin (pickle) is
+refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -72,6 +75,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise UserError("this model has no LoRA adapter to save; call fourbit.add_lora(model) first")
     d = Path(directory)
     tensors = adapter_state_dict(model)
+    for key, t in sorted(tensors.items()):  # an adapter load_adapter would refuse is not written
+        _check_finite(key, t, "this model's adapter (not saved)")
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -86,27 +91,30 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    from fourbit.files import read_json_file
+
     d = Path(directory)
     path = d / CONFIG_NAME
+    if d.is_file():
+        raise UserError(f"{d} is a file, not an adapter directory; pass the directory that holds {CONFIG_NAME} "
+                        f"and {WEIGHTS_NAME}")
     if not d.is_dir():
         raise UserError(f"adapter directory {d} does not exist")
     if not path.is_file():
         raise UserError(f"{d} has no {CONFIG_NAME}: not a PEFT/fourbit adapter directory")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    raw = read_json_file(path, "the adapter config")
     problems = []
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type is {raw.get('peft_type')!r}; fourbit loads LORA adapters only")
     r = raw.get("r", 8)  # PEFT's defaults for missing keys
-    if not isinstance(r, int) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         problems.append(f"r must be a positive integer, got {r!r}")
     alpha = raw.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)):
-        problems.append(f"lora_alpha must be a number, got {alpha!r}")
+    if not _is_number(alpha) or not math.isfinite(alpha):  # NaN would make every output NaN
+        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    dropout = raw.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        problems.append(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
     if raw.get("use_dora"):
         problems.append("use_dora is true; DoRA adapters are not supported")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
@@ -116,9 +124,13 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         problems.append(f"target_modules is a regex ({targets!r}); fourbit needs a list of module names")
     if problems:
         raise UserError(f"{path}: " + "; ".join(problems))
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(raw.get("lora_dropout", 0.0)),
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout),
                       target_modules=list(targets or []), use_rslora=bool(raw.get("use_rslora", False)),
                       base_model_name_or_path=raw.get("base_model_name_or_path"))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
@@ -130,8 +142,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         extra = " (adapter_model.bin is a pickle, which fourbit never loads; re-save it as safetensors)" \
             if (d / "adapter_model.bin").exists() else ""
         raise UserError(f"{d} has no {WEIGHTS_NAME}{extra}")
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = _read_weights(weights)
     if not lora_modules(model):  # validate against the layers add_lora would create, then create them
         _check_against_model(model, tensors, cfg, d)
         add_lora(model, r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -143,6 +154,30 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool
         m.lora_A.weight.requires_grad_(trainable)
         m.lora_B.weight.requires_grad_(trainable)
     return model
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, after checking the file (see fourbit.files.check_safetensors) and that
+    every tensor is floating point and finite: a NaN adapter would make every output NaN."""
+    from fourbit.files import check_safetensors
+
+    check_safetensors(path)  # a truncated or header-lying file: one line, not safetensors' Rust error
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, t in sorted(tensors.items()):
+        if not t.is_floating_point():
+            raise UserError(f"adapter {path}: {key} has dtype {t.dtype}; LoRA weights are floating point")
+        _check_finite(key, t, f"adapter {path}")
+    return tensors
+
+
+def _check_finite(key: str, t: torch.Tensor, where: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        n_nan = int(torch.isnan(t).sum())
+        kinds = ", ".join(k for k, n in (("NaN", n_nan), ("Inf", int(bad.sum()) - n_nan)) if n)
+        raise UserError(f"{where}: {key} has {int(bad.sum())} non-finite values ({kinds}); the adapter is corrupt, "
+                        f"or its training diverged: use an earlier checkpoint's adapter")
 
 
 def _check_against_model(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: LoraConfig, d: Path) -> None:

@@ -21,10 +21,12 @@ from torch import nn
 
 from fourbit.errors import UserError
 from fourbit.nn.linear4bit import Linear4bit
+from fourbit.nn.loftq import WeightSource, init_loftq, read_weight
 from fourbit.nn.lora import LoraLinear
 
 log = logging.getLogger(__name__)
 LINEAR_TYPES = (nn.Linear, Linear4bit)
+INITS = ("default", "loftq")  # LoRA starting points: B = 0, or LoftQ (fourbit.nn.loftq)
 
 
 @dataclass
@@ -39,7 +41,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
 
-def _output_embedding_names(model: nn.Module) -> set[str]:
+def output_embedding_names(model: nn.Module) -> set[str]:
     """Names of lm_head-like modules (the output embedding), which QLoRA leaves alone."""
     names = set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -51,7 +53,7 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
 
 def find_linear_names(model: nn.Module, target: str | list[str] = "all-linear") -> list[str]:
     """Full names of the linear modules to wrap; UserError listing what exists when nothing matches."""
-    skip = _output_embedding_names(model)
+    skip = output_embedding_names(model)
     linears = [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in skip]
     if not linears:
         raise UserError(f"{type(model).__name__} has no linear layers (nn.Linear or Linear4bit) to put LoRA on")
@@ -67,9 +69,50 @@ def find_linear_names(model: nn.Module, target: str | list[str] = "all-linear") 
     return chosen
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name`."""
     parent_name, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+
+
+def linear4bit_shells(model: nn.Module, names, quant_type: str = "nf4", **kw) -> None:
+    """Replace each named linear layer by an empty Linear4bit of its shape on the meta device: the
+    streaming loader fills them with `set_quantized`; fourbit.memory's trace runs them empty."""
+    for name in names:
+        lin = model.get_submodule(name)
+        set_module(model, name, Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                           quant_type=quant_type, device="meta", **kw))
+
+
+def quantize_linears(model: nn.Module, quant_type: str = "nf4", double_quant: bool = True,
+                     compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                     device: torch.device | str | None = None) -> int:
+    """Replace every linear layer but lm_head by a Linear4bit holding its weight (in place); returns how many."""
+    names = find_linear_names(model)
+    for name in names:
+        lin = model.get_submodule(name)
+        w = lin.weight.detach().to(device or lin.weight.device)
+        q = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant, compute_dtype, weight=w)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().to(w.device), requires_grad=False)
+        set_module(model, name, q)
+        lin.weight = None  # drop the 16-bit weight now, not at the end
+    return len(names)
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype, names=None) -> int:
+    """Replace every Linear4bit (or those named) by a frozen nn.Linear holding its weight, computed in
+    float32 and rounded once to `dtype` (in place); returns how many."""
+    names = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)] if names is None else list(names)
+    for name in names:
+        q = model.get_submodule(name)
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=q.weight.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize(torch.float32))
+            if q.bias is not None:
+                lin.bias.copy_(q.bias)
+        set_module(model, name, lin.requires_grad_(False))
+    return len(names)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -93,7 +136,10 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
         if is_norm(m) and any(p.dtype == torch.float16 for p in m.parameters(recurse=False)):
             m.float()
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if getattr(model, "config", None) is not None:
@@ -103,8 +149,21 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
              target: str | list[str] = "all-linear", use_rslora: bool = False, gradient_checkpointing: bool = False,
-             adapter_dtype: torch.dtype = torch.float32, verbose: bool = True) -> nn.Module:
-    """Wrap the target linear layers with LoRA (in place), freeze the rest; returns the model."""
+             adapter_dtype: torch.dtype = torch.float32, verbose: bool = True, init: str = "default",
+             weights: WeightSource | None = None) -> nn.Module:
+    """Wrap the target linear layers with LoRA (in place), freeze the rest; returns the model.
+
+    init="default" starts at B = 0 (the model unchanged); init="loftq" starts from the SVD of each
+    4-bit layer's quantization residual, reading the 16-bit W of each layer from `weights` (a
+    mapping or function from module name to W; `fourbit.models.checkpoint_weight_reader(model_name,
+    model)` reads them from the model's safetensors one at a time). The base stays as it is, so the
+    adapter is an ordinary PEFT adapter: see fourbit.nn.loftq, Note: Which LoftQ a user gets.
+    """
+    if init not in INITS:
+        raise UserError(f"LoRA init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "loftq" and weights is None:
+        raise UserError("init='loftq' needs the 16-bit weights the 4-bit layers were quantized from: pass "
+                        "weights=fourbit.models.checkpoint_weight_reader(<model name or directory>, model)")
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise UserError(f"LoRA rank r must be a positive integer, got {r!r}")
     if not 0 <= dropout < 1:
@@ -112,11 +171,18 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise UserError("this model already has LoRA adapters; load or merge them instead of adding a second set")
     names = find_linear_names(model, target)
+    quantized = [n for n in names if isinstance(model.get_submodule(n), Linear4bit)]
+    if init == "loftq" and not quantized:
+        raise UserError("init='loftq' starts LoRA from the 4-bit quantization error, but no target layer is "
+                        "quantized (load the model with quant='nf4' or 'fp4', or use init='default')")
     prepare_for_training(model, gradient_checkpointing)
+    errors = []
     for name in names:
         lora = LoraLinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                           adapter_dtype=adapter_dtype)
-        _set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
+        if init == "loftq" and name in quantized:
+            errors.append(_init_loftq(lora, weights, name))
+        set_module(model, name, lora.train(model.training))  # a new module would otherwise be in train mode
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -125,7 +191,24 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
                                    base_model_name_or_path=base)
     if verbose:
         print(trainable_summary(model))
+    if errors:
+        log.info("LoftQ init of %d layers: relative error ||W - base - sBA|| / ||W||, mean %.4f (%d unquantized "
+                 "layers kept the default init)", len(errors), sum(errors) / len(errors), len(names) - len(quantized))
     return model
+
+
+def _init_loftq(lora: LoraLinear, weights: WeightSource, name: str) -> float:
+    try:
+        w = read_weight(weights, name)
+    except KeyError:
+        raise UserError(f"init='loftq': the 16-bit weights have no tensor for layer {name}") from None
+    if not w.is_floating_point():
+        raise UserError(f"init='loftq': the weight given for {name} is {w.dtype}, not a 16/32-bit float "
+                        f"(an already quantized checkpoint?); LoftQ needs the original weights")
+    try:
+        return init_loftq(lora, w)
+    except ValueError as e:
+        raise UserError(f"init='loftq', layer {name}: {e}") from None
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -144,7 +227,7 @@ def trainable_summary(model: nn.Module) -> str:
 def merge_lora(model: nn.Module, dtype: torch.dtype | None = None, requantize: bool = False) -> nn.Module:
     """Replace every LoraLinear by its merged base layer (in place); returns the model."""
     for name, m in lora_modules(model).items():
-        _set_module(model, name, m.merge(dtype=dtype, requantize=requantize))
+        set_module(model, name, m.merge(dtype=dtype, requantize=requantize))
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -1,6 +1,6 @@
 """`Linear4bit`: a frozen linear layer stored as packed 4-bit codes (bitsandbytes' format).
 
-One autograd.Function does the work (QLoRA §3, SPEC §5): forward dequantizes W to the input's
+One autograd.Function does the work (QLoRA §3; torchao's LinearNF4): forward dequantizes W to the input's
 dtype and computes x @ W^T + b; backward dequantizes W again and returns grad_y @ W. Only the
 packed codes and the QuantState are kept for backward, never a 16-bit copy of W, and W gets no
 gradient. Dequantization goes through `fourbit.quant.dequantize_4bit` (C kernel on CPU, Triton
@@ -16,6 +16,8 @@ checkpoint that transformers + bitsandbytes loads.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +59,69 @@ def skinny(x: torch.Tensor, in_features: int) -> bool:
 
 def dequantize_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) in `dtype`, in the shared scratch buffer: valid until the next call."""
+    if _HOOK:
+        return _HOOK[-1](packed, state, dtype)
     return dequantize_4bit(packed, state, dtype, out=_scratch(state.shape, dtype, packed.device))
+
+
+_HOOK: list = []  # see dequantize_hook
+
+
+@contextlib.contextmanager
+def dequantize_hook(fn):
+    """Inside the block, every Linear4bit and LoraLinear dequantizes with `fn(packed, state, dtype)`
+    instead: how fourbit.memory's meta-device trace stands in a view of its own counted buffer for
+    the weight (meta tensors hold no codes), without patching this module from outside."""
+    _HOOK.append(fn)
+    try:
+        yield
+    finally:
+        _HOOK.remove(fn)
+
+
+# Note: Weights kept across checkpoint recomputation
+# With gradient checkpointing a layer's forward runs twice, the second time during backward,
+# right before that layer's backward, and each run dequantizes W; backward would dequantize it a
+# third time. A forward that runs inside a backward pass is such a recomputation (both torch
+# checkpoint modes run it there): it dequantizes into a fresh tensor instead of the scratch
+# buffer and leaves it in _RECOMPUTED, where the backward of the same weight takes it. That
+# holds one decoder layer's weights at most (the recomputation covers one layer and its
+# backward follows at once); anything not taken is dropped when the backward pass ends. CPU
+# only: there dequantizing costs a visible share of the step, while on a GPU it is cheap next
+# to the matmuls and memory is the scarce resource.
+_RECOMPUTED: dict[tuple[int, torch.dtype], list] = {}  # (address of the codes, dtype) -> [W, uses left]
+_CLEAR_QUEUED_FOR = [-1]  # the backward pass (graph task id) that will clear _RECOMPUTED at its end
+
+
+def forward_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, keep: bool) -> torch.Tensor:
+    """W (out, in) for a forward pass: the scratch buffer, or, when this forward is a checkpoint
+    recomputation on a CPU and `keep` (backward will need W), a fresh tensor kept for backward."""
+    task = torch._C._current_graph_task_id() if keep and packed.device.type == "cpu" else -1
+    if task == -1:
+        return dequantize_weight(packed, state, dtype)
+    key = (packed.data_ptr(), dtype)
+    hit = _RECOMPUTED.get(key)
+    if hit is not None:  # the same weight twice in one layer (tied weights)
+        hit[1] += 1
+        return hit[0]
+    if _CLEAR_QUEUED_FOR[0] != task:
+        _CLEAR_QUEUED_FOR[0] = task
+        torch.autograd.Variable._execution_engine.queue_callback(_RECOMPUTED.clear)
+    w = dequantize_4bit(packed, state, dtype)
+    _RECOMPUTED[key] = [w, 1]
+    return w
+
+
+def backward_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """W (out, in) for a backward pass: the one its recomputed forward kept, else dequantized again."""
+    key = (packed.data_ptr(), dtype)
+    hit = _RECOMPUTED.get(key)
+    if hit is None:
+        return dequantize_weight(packed, state, dtype)
+    hit[1] -= 1
+    if hit[1] == 0:
+        del _RECOMPUTED[key]
+    return hit[0]
 
 
 class _Linear4bitFn(torch.autograd.Function):
@@ -65,7 +129,7 @@ class _Linear4bitFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, state, bias):
-        w = dequantize_weight(packed, state, x.dtype)  # (out, in)
+        w = forward_weight(packed, state, x.dtype, keep=ctx.needs_input_grad[0])  # (out, in)
         ctx.state = state
         ctx.save_for_backward(packed)
         return F.linear(x, w, bias)  # (..., out)
@@ -75,7 +139,7 @@ class _Linear4bitFn(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize_weight(packed, ctx.state, grad_y.dtype)  # (out, in)
+            w = backward_weight(packed, ctx.state, grad_y.dtype)  # (out, in)
             grad_x = grad_y @ w  # (..., in)
         return grad_x, None, None, None
 

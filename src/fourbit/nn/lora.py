@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fourbit.nn.linear4bit import Linear4bit, dequantize_weight, skinny
+from fourbit.nn.linear4bit import dequantize_weight  # noqa: F401  (fourbit.memory patches it here)
+from fourbit.nn.linear4bit import Linear4bit, backward_weight, forward_weight, skinny
 from fourbit.quant import matmul_4bit
 
 
@@ -44,7 +45,7 @@ class _QLoraLinearFn(torch.autograd.Function):
         cd = x.dtype
         x2, xd2 = x.reshape(-1, shape[-1]), xd.reshape(-1, shape[-1])  # (N, in)
         a_c, b_c = a.to(cd), b.to(cd)  # (r, in), (out, r)
-        w = dequantize_weight(packed, state, cd)  # (out, in), scratch buffer
+        w = forward_weight(packed, state, cd, keep=ctx.needs_input_grad[0])  # (out, in), usually the scratch buffer
         y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()  # (N, out)
         h = xd2 @ a_c.t()  # (N, r)
         y.addmm_(h, b_c.t(), alpha=scaling)
@@ -66,7 +67,7 @@ class _QLoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             g_xd = gh @ a_c  # (N, in)
             if ctx.needs_input_grad[0]:
-                w = dequantize_weight(packed, ctx.state, gy2.dtype)  # (out, in)
+                w = backward_weight(packed, ctx.state, gy2.dtype)  # (out, in)
                 if ctx.same:  # xd is x: one gradient, accumulated into by the matmul itself
                     g_x, g_xd = g_xd.addmm_(gy2, w), None
                 else:

@@ -1,4 +1,4 @@
-"""AdamW with 32-bit or blockwise 8-bit states, optionally paged (QLoRA §3, SPEC §7).
+"""AdamW with 32-bit or blockwise 8-bit states, optionally paged (QLoRA §3, "Paged Optimizers").
 
 One class does the arithmetic; the public names choose its two switches:
 
@@ -8,7 +8,7 @@ One class does the arithmetic; the public names choose its two switches:
 
 The 32-bit update follows torch.optim.AdamW's order of operations exactly (decoupled weight
 decay first, then m / (sqrt(v) / sqrt(1 - b2^t) + eps) with step size lr / (1 - b1^t)), which
-is SPEC §7's formula rearranged; tests/test_optim.py holds it to torch.optim.AdamW at 1e-6.
+is Loshchilov & Hutter's AdamW (Algorithm 2) rearranged; tests/test_optim.py holds it to torch.optim.AdamW at 1e-6.
 
 8-bit states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): m with the
 signed dynamic map, v with the unsigned one, each in blocks of 256 with a float32 absmax per

@@ -1,6 +1,6 @@
 """CUDA unified (managed) memory for optimizer states, through the CUDA runtime torch ships (ctypes).
 
-Paged optimizers (QLoRA §3, SPEC §7) keep the states of large parameters in memory allocated
+Paged optimizers (QLoRA §3, "Paged Optimizers") keep the states of large parameters in memory allocated
 with `cudaMallocManaged`. The driver migrates its pages between GPU and CPU on demand, so when
 something else needs the GPU memory (a long sequence, a large batch) optimizer pages are evicted
 to CPU RAM instead of the run failing with out-of-memory. Right before a parameter's update its

@@ -1,8 +1,9 @@
 """Blockwise quantization: 4-bit NF4/FP4 with absmax scaling, double quantization, 8-bit dynamic.
 
-The functions here are the pure-torch reference (SPEC §2-3) and the one dispatch point to the
-fast kernels in `fourbit.quant.kernels` (a C kernel on CPU, Triton on CUDA), which must match
-the reference bit for bit.
+The functions here are the pure-torch reference (QLoRA §3; bitsandbytes' `quantize_4bit`,
+`dequantize_4bit` and `quantize_blockwise`) and the one dispatch point to the fast kernels in
+`fourbit.quant.kernels` (a C kernel on CPU, Triton on CUDA), which must match the reference bit
+for bit.
 
 Layout (bitsandbytes' format): flatten row-major, blocks of `blocksize` consecutive elements
 (blocks cross row boundaries), absmax[b] = max |x| over block b, code = nearest level of
@@ -30,16 +31,16 @@ import math
 
 import torch
 
-from fourbit.quant.codebook import QUANT_TYPES, get_code, get_dynamic_map, quantize_bounds
+from fourbit.quant.codebook import DTYPES, QUANT_TYPES, get_code, get_dynamic_map, quantize_bounds, zero_code
 from fourbit.quant.state import NestedState, QuantState
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = tuple(dict.fromkeys(DTYPES.values()))  # float32, bfloat16, float16
 ROUNDING = ("nearest", "bnb-cpu")
 NESTED_BLOCKSIZE = 256  # QLoRA §3: the block constants are quantized in blocks of 256
 
 
 # -- validation ----------------------------------------------------------------------------------
-def _check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> None:
+def check_blocksize(blocksize: int, lo: int = 32, hi: int = 4096) -> None:
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < lo or blocksize > hi \
             or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [{lo}, {hi}], got {blocksize!r}")
@@ -92,11 +93,6 @@ def _quant4_reference(x: torch.Tensor, quant_type: str, blocksize: int, rounding
     return packed, absmax
 
 
-def _zero_code(quant_type: str, device) -> int:
-    mids, order = quantize_bounds(quant_type, device)
-    return int(order[torch.bucketize(torch.zeros(1, device=device), mids)])
-
-
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                   rounding: str = "nearest", quant_storage: torch.dtype = torch.uint8,
                   check_finite: bool = True) -> tuple[torch.Tensor, QuantState]:
@@ -110,7 +106,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     _check_tensor(w, "the weight")
     x = w.detach().contiguous()
     packed, absmax = _quant4_dispatch(x, quant_type, blocksize, rounding)
@@ -139,8 +135,9 @@ def _to_storage(packed: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     return packed.view(-1).view(storage).view(-1, 1)
 
 
-def _triton():
-    """The Triton kernel module when Triton and a CUDA device are usable, else None."""
+def triton_kernels():
+    """The Triton kernel module (`fourbit.quant.kernels.triton_4bit`) when Triton and a CUDA device
+    are usable, else None: the one check callers outside the codec use too (Linear4bit's gemv)."""
     try:
         from fourbit.quant.kernels import triton_4bit
     except ImportError:
@@ -154,8 +151,8 @@ def _quant4_dispatch(x: torch.Tensor, quant_type: str, blocksize: int, rounding:
 
         if cpu.available(x.dtype):
             mids, order = quantize_bounds(quant_type, "cpu")
-            return cpu.quant4(x, blocksize, mids, order, rounding == "bnb-cpu", _zero_code(quant_type, "cpu"))
-    elif x.device.type == "cuda" and (triton_4bit := _triton()) is not None:
+            return cpu.quant4(x, blocksize, mids, order, rounding == "bnb-cpu", zero_code(quant_type))
+    elif x.device.type == "cuda" and (triton_4bit := triton_kernels()) is not None:
         return triton_4bit.quantize_4bit(x, quant_type, blocksize, rounding)
     return _quant4_reference(x, quant_type, blocksize, rounding)
 
@@ -195,10 +192,18 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
             out = out if out is not None else torch.empty(state.shape, dtype=dtype)
             return cpu.dequant4(p.contiguous(), state.absmax.contiguous(), state.code.contiguous(), n,
                                 state.blocksize, out, state.nested)
-    elif p.device.type == "cuda" and (triton_4bit := _triton()) is not None:
+    elif p.device.type == "cuda" and (triton_4bit := triton_kernels()) is not None:
         return triton_4bit.dequantize_4bit(p, state, dtype, out)
-    res = _dequant4_reference(p, state.dequantized_absmax(), state.code, n, state.blocksize, dtype).view(state.shape)
+    res = _dequant4_reference(p, dequantize_absmax(state), state.code, n, state.blocksize, dtype).view(state.shape)
     return out.copy_(res) if out is not None else res
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 block scales: dyn[q8[b]] * absmax2[b // 256] + offset when double-quantized."""
+    if state.nested is None:
+        return state.absmax
+    n = state.nested
+    return dequantize_blockwise_8bit(state.absmax, n.absmax, n.code, n.blocksize) + n.offset
 
 
 # -- 8-bit blockwise (double quantization, 8-bit optimizer states) ---------------------------------
@@ -209,14 +214,22 @@ def _nearest_index(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def _lut_index(y: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes-CPU 8-bit rounding: a 65,536-entry table over (clamp(y,-1,1)+1)/2*65535 + 0.5.
+    """bitsandbytes-CPU 8-bit rounding: a 65,536-entry table indexed by trunc(fma(t, 65535, 0.5)).
 
-    The table maps each grid point k/65535*2-1 to its nearest level, so y takes the level nearest
-    to the grid point closest to it, not to y itself.
+    # Note: bitsandbytes' CPU 8-bit rule
+    bitsandbytes 0.50's CPU quantizer (csrc/cpu_ops.cpp, read from its compiled code) computes
+    t = (clamp(y, -1, 1) + 1) * 0.5 in float32, then k = trunc(fma(t, 65535, 0.5)): one fused
+    multiply-add, rounded to float32 once. Its table maps each grid point 2k/65535 - 1 to the
+    number of level midpoints strictly below it, so y takes the level nearest to the grid point
+    closest to it, not to y itself. Rounding t * 65535 before adding 0.5 (two roundings) moves k
+    by one for ~1 value in 10^7 that lies within ~1e-5 of a grid midpoint; emulating the fused
+    product in float64 (exact: a 24-bit t times a 16-bit 65535 fits 53 bits) then rounding to
+    float32 reproduces bitsandbytes' bytes.
     """
     grid = torch.arange(65536, dtype=torch.float32, device=y.device) / 65535 * 2 - 1
     table = _nearest_index(grid, code)
-    k = ((y.clamp(-1, 1) + 1) / 2 * 65535 + 0.5).to(torch.int64)
+    t = (y.float().clamp(-1, 1) + 1) * 0.5  # float32, as bitsandbytes
+    k = (t.double() * 65535 + 0.5).float().to(torch.int64)  # fma: exact in float64, one float32 rounding
     return table[k]
 
 
@@ -231,8 +244,12 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None, b
     nb = -(-n // blocksize)
     blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    y = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)[:n]  # (n,) in [-1, 1]
-    idx = _lut_index(y, code) if rounding == "bnb-cpu" else _nearest_index(y, code)
+    if rounding == "bnb-cpu":  # bitsandbytes' CPU path multiplies by a float32 reciprocal
+        y = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)[:n]  # (n,) in [-1, 1]
+        idx = _lut_index(y, code)
+    else:
+        y = (blocks / absmax.clamp(min=1e-38)[:, None]).reshape(-1)[:n]
+        idx = _nearest_index(y, code)
     idx[(absmax == 0).repeat_interleave(blocksize)[:n]] = 0  # all-zero block: code 0 (x 0 = -0.0), like bnb
     return idx.to(torch.uint8).view(x.shape), absmax
 

@@ -22,6 +22,10 @@ import torch
 
 NF4_OFFSET = 0.9677083
 QUANT_TYPES = ("nf4", "fp4")
+# The float dtypes a 4-bit tensor is quantized from and dequantizes to, by fourbit's short names
+# (the CLI's --dtype values) and torch's / bitsandbytes' long ones (the quant_state JSON's "dtype").
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _FP4 = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
 
@@ -91,3 +95,10 @@ def _bounds(quant_type: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_bounds(quant_type: str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(15 float32 midpoints between sorted levels, sorted position -> 4-bit code) for rounding."""
     return _bounds(quant_type, str(torch.device(device)))
+
+
+def zero_code(quant_type: str, device: torch.device | str = "cpu") -> int:
+    """The 4-bit code that 0.0 rounds to: what pads an odd tail (and, in bitsandbytes' CPU rule,
+    codes an all-zero block)."""
+    mids, order = quantize_bounds(quant_type, device)
+    return int(order[torch.bucketize(torch.zeros(1, device=mids.device), mids)])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fourbit.quant.blockwise import _triton, dequantize_4bit
+from fourbit.quant.blockwise import dequantize_4bit, triton_kernels
 from fourbit.quant.kernels import cpu
 from fourbit.quant.state import QuantState
 
@@ -56,7 +56,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
             bias = bias.to(torch.float32).contiguous()
         y = cpu.matmul4(x2, packed, state, bias, torch.empty((*x.shape[:-1], n_out)), torch.get_num_threads())
         return y if x.dtype == torch.float32 else y.to(x.dtype)
-    if x.device.type == "cuda" and x.numel() == k and (t := _triton()) is not None:
+    if x.device.type == "cuda" and x.numel() == k and (t := triton_kernels()) is not None:
         y = t.gemv_4bit(x, packed, state)
         if y is not None:
             return y if bias is None else y + bias.to(y.dtype)

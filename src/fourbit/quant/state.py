@@ -1,6 +1,6 @@
 """`QuantState`: everything needed to dequantize a packed 4-bit tensor, and its on-disk form.
 
-The on-disk form is bitsandbytes' (SPEC §4), so checkpoints move between fourbit and
+The on-disk form is bitsandbytes' (its `QuantState.as_dict(packed=True)`), so checkpoints move between fourbit and
 transformers+bitsandbytes unchanged. For a weight at module path P, `as_dict("P.weight.")` gives
 
     P.weight.absmax                              uint8 [nblocks] (double quant) | float32 [nblocks]
@@ -22,9 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fourbit.quant.codebook import QUANT_TYPES
-
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from fourbit.quant.codebook import DTYPES, QUANT_TYPES
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -68,15 +66,6 @@ class QuantState:
     @property
     def device(self) -> torch.device:
         return self.absmax.device
-
-    def dequantized_absmax(self) -> torch.Tensor:
-        """The float32 block scales: dyn[q8[b]] * absmax2[b // 256] + offset when double-quantized."""
-        if self.nested is None:
-            return self.absmax
-        from fourbit.quant.blockwise import dequantize_blockwise_8bit
-
-        n = self.nested
-        return dequantize_blockwise_8bit(self.absmax, n.absmax, n.code, n.blocksize) + n.offset
 
     def to(self, device: torch.device | str) -> QuantState:
         nested = self.nested and replace(self.nested, absmax=self.nested.absmax.to(device), code=self.nested.code.to(device))
@@ -130,8 +119,8 @@ class QuantState:
         qt = meta["quant_type"]
         if qt not in QUANT_TYPES or not meta_keys[0].endswith(qt):
             raise QuantStateError(f"{where}: quant_type {qt!r} (key {meta_keys[0]!r}); expected one of {QUANT_TYPES}")
-        if meta["dtype"] not in _DTYPE_NAMES:
-            raise QuantStateError(f"{where}: dtype {meta['dtype']!r}; expected one of {sorted(_DTYPE_NAMES)}")
+        if meta["dtype"] not in DTYPES:
+            raise QuantStateError(f"{where}: dtype {meta['dtype']!r}; expected one of {sorted(DTYPES)}")
         bs = meta["blocksize"]
         if not isinstance(bs, int) or bs < 2 or bs & (bs - 1):
             raise QuantStateError(f"{where}: blocksize {bs!r}; expected a power of two")
@@ -164,6 +153,6 @@ class QuantState:
         if packed is not None and packed.numel() * packed.element_size() != (n + 1) // 2:
             raise QuantStateError(f"{where}: packed weight has {packed.numel() * packed.element_size()} bytes; "
                                   f"shape {shape} needs {(n + 1) // 2}")
-        state = cls(absmax=absmax, shape=torch.Size(shape), dtype=_DTYPE_NAMES[meta["dtype"]], blocksize=bs,
+        state = cls(absmax=absmax, shape=torch.Size(shape), dtype=DTYPES[meta["dtype"]], blocksize=bs,
                     quant_type=qt, code=code, nested=nested)
         return state.to(device) if device is not None else state

@@ -47,16 +47,16 @@ def _compiler() -> str | None:
 
 
 def _build() -> ctypes.CDLL | None:
-    from fourbit.embedded import cache_dir
-
     cc = _compiler()
     if cc is None:
         log.info("fourbit: no C compiler found; using the pure-torch 4-bit codec")
         return None
+    # the codec stands alone: its own cache directory, not fourbit.embedded's
+    _KERNEL_DIR = Path(os.environ.get("FOURBIT_CACHE") or Path.home() / ".cache" / "fourbit") / "kernels"
     lib, err = None, ""
     variants = [_FLAGS] if os.environ.get("FOURBIT_NO_OPENMP") else [_FLAGS + _OPENMP, _FLAGS]
     for flags in variants:  # without OpenMP, Python threads split the matmul's rows
-        lib_path, err = _compile(cc, flags, cache_dir() / "kernels")
+        lib_path, err = _compile(cc, flags, _KERNEL_DIR)
         try:
             lib = lib_path and ctypes.CDLL(str(lib_path))
         except OSError as e:  # e.g. no libgomp at run time

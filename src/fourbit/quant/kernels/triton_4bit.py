@@ -36,6 +36,8 @@ from functools import lru_cache
 
 import torch
 
+from fourbit.quant.codebook import quantize_bounds, zero_code
+
 try:
     import triton
     import triton.language as tl
@@ -245,9 +247,6 @@ def dequantize_4bit(packed: torch.Tensor, state, dtype: torch.dtype, out: torch.
 
 def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: str):
     """(packed uint8 [(n+1)//2], absmax float32 [nblocks]) like `_quant4_reference`, both rules."""
-    from fourbit.quant.blockwise import _zero_code
-    from fourbit.quant.codebook import quantize_bounds
-
     n = x.numel()
     nblocks = -(-n // blocksize)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
@@ -255,7 +254,7 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
     mids, order = quantize_bounds(quant_type, x.device)
     nb = max(1, min(16, 2048 // blocksize))
     _quant_kernel[(-(-nblocks // nb),)](
-        x.reshape(-1), packed, absmax, mids, order, n, (n + 1) // 2, nblocks, ZERO_CODE=_zero_code(quant_type, "cpu"),
+        x.reshape(-1), packed, absmax, mids, order, n, (n + 1) // 2, nblocks, ZERO_CODE=zero_code(quant_type),
         BLOCKSIZE=blocksize, NB=nb, EVEN=n % blocksize == 0, CPU_RULE=rounding == "bnb-cpu", enable_fp_fusion=False)
     return packed, absmax
 
