@@ -32,10 +32,12 @@ LoRA, norms and elementwise ops are computed per row (attention over the row's o
 BLAS matmuls are the problem: MKL picks its kernel and thread split from the shape, and row i of
 x @ W^T differs in its last bits between 1 and 8 rows (measured on torch 2.13 / MKL 2024.2: every
 shape we tried), while a call with a FIXED number of rows gives the same bits for a row whatever
-the other rows hold or where it sits. So dense linears are called on blocks of exactly
-`row_block` rows (the batch is padded at the embedding). A Linear4bit whose kernel computes rows
-independently (fourbit's CPU kernel for few rows) needs no padding; we do not assume it, we probe
-each 4-bit shape once at build time and pad the ones that fail.
+the other rows hold or where it sits. So while decoding, dense linears go through fourbit's C
+kernel that computes rows independently (`batch_invariant_linear`) where it applies, and
+otherwise are called on blocks of exactly `row_block` rows (the batch is padded at the
+embedding). The 4-bit kernel (`matmul_4bit`, up to SKINNY_MAX_ROWS rows) computes rows
+independently too. We do not assume either: each group's decoding call is probed once at build
+time (1, 2, 3 and 8 rows against 16) and the ones that fail get row blocks.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ from torch import nn
 from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
 from fourbit.nn.lora import LoraLinear
 from fourbit.quant import SKINNY_MAX_ROWS, QuantState, dequantize_absmax, matmul_4bit
+
+try:  # the C kernel's float32 matmul whose rows do not depend on the batch (cpukernel branch; until
+    from fourbit.quant import batch_invariant_linear  # it is merged, dense rows use row blocks only)
+except ImportError:
+    batch_invariant_linear = None
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
@@ -97,7 +104,7 @@ class _Proj:
         self.outs = [b.out_features for b in bases]
         self.in_features = bases[0].in_features
         self.dense = all(isinstance(b, nn.Linear) for b in bases)
-        self.row_independent = False  # set by Decoder._probe for 4-bit groups
+        self.row_independent = False  # set by Decoder._probe
         if self.dense:
             self.weight, self.bias = _fuse(bases)
         elif all(isinstance(b, Linear4bit) for b in bases):
@@ -110,6 +117,10 @@ class _Proj:
             return F.linear(x, self.weight, self.bias)
         ys = [_q4(x, *part) for part in self.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoding call: as __call__, but a dense group goes through the batch-invariant kernel."""
+        return _dense_rows(x, self.weight, self.bias) if self.dense else self(x)
 
     def many(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """[self(x) for x in xs], the same arithmetic, dequantizing each 4-bit matrix at most once."""
@@ -127,6 +138,13 @@ class _Proj:
                     ys.append(F.linear(x, w, bias))
             per_part.append(ys)
         return [ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1) for ys in zip(*per_part)]
+
+
+def _dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b, through batch_invariant_linear where it applies (float32 on a CPU), else F.linear."""
+    if batch_invariant_linear is not None and x.device.type == "cpu" and weight.dtype == torch.float32:
+        return batch_invariant_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _q4(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
@@ -257,18 +275,16 @@ class Decoder:
     # -- build-time checks -----------------------------------------------------------------------
     @torch.no_grad()
     def _probe(self) -> None:
-        """Mark 4-bit groups whose rows are computed independently (see Note: Batch invariance)."""
+        """Mark the groups whose decoding call computes rows independently (Note: Batch invariance)."""
         seen: dict[tuple, bool] = {}
         g = torch.Generator(device="cpu").manual_seed(0)
         for projs in self.layers:
             for p in projs.values():
-                if p.dense:
-                    continue
-                key = (p.in_features, tuple(p.outs), len(p.parts))
+                key = (p.dense, p.in_features, tuple(p.outs), 0 if p.dense else len(p.parts))
                 if key not in seen:
                     x = torch.randn(SKINNY_MAX_ROWS, p.in_features, generator=g).to(self.device, self.dtype)
-                    full = p(x)
-                    seen[key] = all(torch.equal(p(x[i:j]), full[i:j]) for i, j in ((0, 1), (0, 2), (1, 4), (3, 11)))
+                    full = p.step(x)
+                    seen[key] = all(torch.equal(p.step(x[i:j]), full[i:j]) for i, j in ((0, 1), (0, 2), (1, 4), (3, 11)))
                 p.row_independent = seen[key]
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -278,8 +294,8 @@ class Decoder:
             return p(x)
         block = SKINNY_MAX_ROWS if p.row_independent else self.row_block
         if x.shape[0] <= block and (p.row_independent or x.shape[0] == block):
-            return p(x)
-        return torch.cat([p(c) for c in x.split(block)])  # decode batches are padded to whole blocks
+            return p.step(x)
+        return torch.cat([p.step(c) for c in x.split(block)])  # decode batches are padded to whole blocks
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str, lora_rows) -> torch.Tensor:
         """y += per-row LoRA products; lora_rows: [(LoraWeights, row index tensor or None for all rows)]."""
@@ -422,11 +438,23 @@ class Head:
     def __init__(self, linear: nn.Linear, row_block: int, screen: bool):
         self.weight, self.bias, self.row_block = linear.weight, linear.bias, row_block
         self.screen = _fp16_screen(linear.weight) if screen else None
+        self.rows_free = batch_invariant_linear is not None and self.weight.device.type == "cpu" and \
+            self.weight.dtype == torch.float32 and self._rows_independent()
+
+    @torch.no_grad()
+    def _rows_independent(self) -> bool:
+        """Probe the batch-invariant kernel on this head once, as Decoder._probe does the projections."""
+        x = torch.randn(SKINNY_MAX_ROWS, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        full = _dense_rows(x, self.weight, self.bias)
+        return all(torch.equal(_dense_rows(x[i:j], self.weight, self.bias), full[i:j]) for i, j in ((0, 1), (3, 11)))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, vocab) float32 logits from row blocks of exactly row_block rows."""
+        """(N, vocab) float32 logits: the batch-invariant kernel where it applies, else row blocks of
+        exactly row_block rows."""
         w, b, r = self.weight, self.bias, self.row_block
+        if self.rows_free:
+            return _dense_rows(x, w, b).float()
         n = x.shape[0]
         if n % r:
             x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
