@@ -208,9 +208,11 @@ def _fuse_4bit(layers: list[Linear4bit]) -> list[tuple]:
 class LoraWeights:
     """One adapter in the decoder's layout: per layer and group, A^T (in, R) and B^T * scaling (R, out).
 
-    `modules` maps a module path relative to a decoder layer ("self_attn.q_proj") to (A (r, in),
-    B (out, r), scaling) per layer index. A group's rank R is the sum of its projections' ranks
-    (zero blocks where a projection has no adapter), so q, k and v share one pair of matmuls."""
+    `per_layer[i]` maps a module path inside decoder layer i ("self_attn.q_proj") to (A (r, in),
+    B (out, r), scaling). A group's rank R is the sum of its projections' ranks (zero blocks where
+    a projection has no adapter), so q, k and v share one pair of matmuls. Adapters are not padded
+    to a common rank: the rows of a step are grouped by adapter, so none is needed, and a
+    request's bits then do not depend on which other adapters happen to be loaded."""
 
     def __init__(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
                  layers: list[dict[str, _Proj]], dtype: torch.dtype, device: torch.device):
@@ -241,7 +243,7 @@ def _starts(sizes: list[int]) -> list[int]:
 
 
 class Decoder:
-    """Prefill one request into its cache slot, or decode one token for many slots at once."""
+    """Prefill prompts into their cache rows (each on its own), or decode one token for many rows at once."""
 
     def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2, head_screen: bool = True):
         config = model.config
