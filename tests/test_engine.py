@@ -257,6 +257,8 @@ def test_generate_texts_batched_equals_batch_1(tiny_chat_dir):
     one = generate_texts(model, tok, texts, max_new_tokens=8, batch_size=1)
     assert generate_texts(model, tok, texts, max_new_tokens=8, batch_size=4) == one
     assert generate_texts(model, tok, texts, max_new_tokens=8, batch_size=3) == one
+    engine = Engine(model, tok, max_batch=2, max_seq_len=128)
+    assert generate_texts(model, tok, texts, max_new_tokens=8, engine=engine) == one  # a reused engine
     ids = tok(texts[1], add_special_tokens=False)["input_ids"]
     ref = _hf_greedy(model, ids, 8)
     assert one[1] == tok.decode(ref, skip_special_tokens=True)
