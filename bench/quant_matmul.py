@@ -1,7 +1,8 @@
 """The CPU 4-bit skinny matmul (fourbit.quant.matmul_4bit) vs dequantize + F.linear, per layer
 shape and in batch-1 generation on SmolLM2-135M.
 
-    python bench/quant_matmul.py [--rows 1 8 16 32] [--tokens 48] [--rounds 2] [--skip-shapes] [--skip-generate]
+    python bench/quant_matmul.py [--rows 1 8 16 32] [--tokens 48] [--rounds 2] [--threads N]
+                                 [--skip-shapes] [--skip-generate]
 
 Shapes: SmolLM2-135M's linear layers (576x576 q/o, 192x576 k/v, 1536x576 gate/up, 576x1536
 down), NF4 + double quantization, blocksize 64; microseconds per call at torch's thread count,
@@ -34,7 +35,10 @@ def bench_shapes(rows_list, rounds=15, calls=40):
     from fourbit.nn.linear4bit import dequantize_weight
     from fourbit.quant import matmul_4bit, quantize_4bit
 
-    print(f"# per call, {torch.get_num_threads()} threads, median (min) of {rounds} interleaved rounds of {calls} calls")
+    # one thread: the thread's CPU time, which a busy machine does not inflate; else wall time
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    print(f"# per call, {torch.get_num_threads()} threads, {clock.__name__}, median (min) of {rounds} interleaved "
+          f"rounds of {calls} calls")
     print("| W (out x in) | rows | matmul_4bit us | dequantize + F.linear us | speed-up |")
     print("|---|---:|---:|---:|---:|")
     for o, k in SHAPES:
@@ -48,10 +52,10 @@ def bench_shapes(rows_list, rounds=15, calls=40):
                 fn()
             for _ in range(rounds):
                 for name, fn in fns.items():
-                    t = time.perf_counter()
+                    t = clock()
                     for _ in range(calls):
                         fn()
-                    times[name].append((time.perf_counter() - t) / calls * 1e6)
+                    times[name].append((clock() - t) / calls * 1e6)
             a, b = statistics.median(times["kernel"]), statistics.median(times["dequant"])
             print(f"| {o}x{k} | {rows} | {a:.0f} ({min(times['kernel']):.0f}) | {b:.0f} ({min(times['dequant']):.0f}) "
                   f"| {b / a:.2f}x |", flush=True)
@@ -83,10 +87,10 @@ def generate_one(side: str, tokens: int) -> dict:
     with torch.no_grad():
         model.generate(ids, **kw)  # warm-up as long as the timed run
         spent[0] = 0.0
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = model.generate(ids, **kw)
-        dt = time.perf_counter() - t
-    return {"side": side, "tokens_per_s": tokens / dt, "lm_head_share": spent[0] / dt,
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+    return {"side": side, "tokens_per_s": tokens / dt, "tokens_per_cpu_s": tokens / dc, "lm_head_share": spent[0] / dt,
             "text": tok.decode(out[0, ids.shape[1]:])}
 
 
@@ -95,7 +99,7 @@ def bench_generate(tokens: int, rounds: int):
     res = {"kernel": [], "dequantize": []}
     texts = {}
     for side in order:
-        cmd = [sys.executable, __file__, "--one", side, "--tokens", str(tokens)]
+        cmd = [sys.executable, __file__, "--one", side, "--tokens", str(tokens), "--threads", str(torch.get_num_threads())]
         out = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
@@ -105,15 +109,19 @@ def bench_generate(tokens: int, rounds: int):
         res[side].append(r)
         texts[side] = r["text"]
         print(f"  {side}: {r['tokens_per_s']:.2f} tokens/s", file=sys.stderr, flush=True)
-    k = [r["tokens_per_s"] for r in res["kernel"]]
-    d = [r["tokens_per_s"] for r in res["dequantize"]]
     share = statistics.mean(r["lm_head_share"] for r in res["kernel"])
     print(f"\n# SmolLM2-135M NF4+DQ, greedy batch 1, {tokens} new tokens, {torch.get_num_threads()} threads, "
           f"order {' '.join(order)}")
-    print("| side | tokens/s (each run) | mean |\n|---|---|---:|")
-    print(f"| dequantize + F.linear (before) | {', '.join(f'{v:.2f}' for v in d)} | {statistics.mean(d):.2f} |")
-    print(f"| matmul_4bit (after) | {', '.join(f'{v:.2f}' for v in k)} | {statistics.mean(k):.2f} |")
-    print(f"speed-up {statistics.mean(k) / statistics.mean(d):.2f}x; lm_head share of the decode time with the "
+    print("| side | tokens/s (each run) | mean | tokens per CPU second (each run) | mean |\n|---|---|---:|---|---:|")
+    mean = {}
+    for side, name in (("dequantize", "dequantize + F.linear (before)"), ("kernel", "matmul_4bit (after)")):
+        w = [r["tokens_per_s"] for r in res[side]]
+        c = [r["tokens_per_cpu_s"] for r in res[side]]
+        mean[side] = (statistics.mean(w), statistics.mean(c))
+        print(f"| {name} | {', '.join(f'{v:.2f}' for v in w)} | {mean[side][0]:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in c)} | {mean[side][1]:.2f} |")
+    print(f"speed-up {mean['kernel'][0] / mean['dequantize'][0]:.2f}x (wall), "
+          f"{mean['kernel'][1] / mean['dequantize'][1]:.2f}x (CPU); lm_head share of the decode time with the "
           f"kernel: {share:.0%}; same greedy text: {texts.get('kernel') == texts.get('dequantize')}")
 
 
@@ -122,10 +130,13 @@ def main():
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the A-B-B-A pattern")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-shapes", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print("RESULT " + json.dumps(generate_one(args.one, args.tokens)))
         return

@@ -101,6 +101,7 @@ def test_thread_count_does_not_change_the_result(path, monkeypatch):
     x = torch.randn(7, 192)
     y1 = matmul_4bit(x, packed, state)
     n = torch.get_num_threads()
+    monkeypatch.setattr(cpu, "_MIN_PY_SPLIT", 0)  # split even this small product over Python threads
     try:
         for threads in (2, 3):
             torch.set_num_threads(threads)
@@ -129,6 +130,7 @@ def test_build_without_openmp_gives_the_same_result(tmp_path):
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         assert not cpu._features()[0], "built with OpenMP despite FOURBIT_NO_OPENMP"
         torch.set_num_threads(2)
+        cpu._MIN_PY_SPLIT = 0
         assert torch.equal(matmul_4bit(ref["x"], packed, state), ref["y"])
     """)
     env = {**os.environ, "FOURBIT_NO_OPENMP": "1", "FOURBIT_CACHE": str(tmp_path / "cache")}
@@ -224,3 +226,29 @@ def test_lora_generation_path_matches_the_fused_training_path():
         ref = (x.double() @ base.dequantize(torch.float64).T + base.bias.double()
                + lora.scaling * (x.double() @ lora.lora_A.weight.double().T) @ lora.lora_B.weight.double().T)
     assert float((y.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+# -- batch_invariant_linear: the float32 products beside a 4-bit one -------------------------------
+@pytest.mark.parametrize("out_f, in_f", [(64, 576), (576, 64), (37, 13)])  # LoRA A, LoRA B, the scalar path
+def test_batch_invariant_linear(path, out_f, in_f):
+    from fourbit.quant import batch_invariant_linear
+
+    g = torch.Generator().manual_seed(out_f)
+    w, b, x = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g), torch.randn(16, in_f, generator=g)
+    y = batch_invariant_linear(x, w, b)
+    ref = x.double() @ w.double().T + b.double()
+    bound = (in_f / 4 + 8) * U32 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    assert bool(((y.double() - ref).abs() <= bound).all())
+    alone = torch.cat([batch_invariant_linear(x[i:i + 1], w, b) for i in range(16)])
+    for rows in (1, 2, 3, 5, 8, 16):
+        assert torch.equal(batch_invariant_linear(x[:rows], w, b), alone[:rows])
+
+
+def test_lora_generation_rows_are_bit_identical_for_any_row_count():
+    _, lora = _layers(out_f=64, in_f=128, r=16)
+    lora.eval()
+    x = torch.randn(9, 128)
+    with torch.no_grad():
+        alone = torch.cat([lora(x[i:i + 1]) for i in range(9)])
+        for rows in (2, 4, 9):
+            assert torch.equal(lora(x[:rows]), alone[:rows])

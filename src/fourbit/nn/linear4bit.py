@@ -89,7 +89,10 @@ def dequantize_hook(fn):
 # backward follows at once); anything not taken is dropped when the backward pass ends. CPU
 # only: there dequantizing costs a visible share of the step, while on a GPU it is cheap next
 # to the matmuls and memory is the scarce resource.
-_RECOMPUTED: dict[tuple[int, torch.dtype], list] = {}  # (address of the codes, dtype) -> [W, uses left]
+# An entry is keyed by the QuantState object (the module's cached state, the same in the recomputed
+# forward and in backward) and holds it, so the key cannot be reused by another weight while the
+# entry lives; the address of the codes could be (FSDP gathers each layer's codes into fresh memory).
+_RECOMPUTED: dict[tuple[int, torch.dtype], list] = {}  # (id(state), dtype) -> [W, uses left, state]
 _CLEAR_QUEUED_FOR = [-1]  # the backward pass (graph task id) that will clear _RECOMPUTED at its end
 
 
@@ -99,7 +102,7 @@ def forward_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, 
     task = torch._C._current_graph_task_id() if keep and packed.device.type == "cpu" else -1
     if task == -1:
         return dequantize_weight(packed, state, dtype)
-    key = (packed.data_ptr(), dtype)
+    key = (id(state), dtype)
     hit = _RECOMPUTED.get(key)
     if hit is not None:  # the same weight twice in one layer (tied weights)
         hit[1] += 1
@@ -108,13 +111,13 @@ def forward_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype, 
         _CLEAR_QUEUED_FOR[0] = task
         torch.autograd.Variable._execution_engine.queue_callback(_RECOMPUTED.clear)
     w = dequantize_4bit(packed, state, dtype)
-    _RECOMPUTED[key] = [w, 1]
+    _RECOMPUTED[key] = [w, 1, state]
     return w
 
 
 def backward_weight(packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) for a backward pass: the one its recomputed forward kept, else dequantized again."""
-    key = (packed.data_ptr(), dtype)
+    key = (id(state), dtype)
     hit = _RECOMPUTED.get(key)
     if hit is None:
         return dequantize_weight(packed, state, dtype)

@@ -18,12 +18,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fourbit.nn.linear4bit import dequantize_weight  # noqa: F401  (fourbit.memory patches it here)
 from fourbit.nn.linear4bit import Linear4bit, backward_weight, forward_weight, skinny
-from fourbit.quant import matmul_4bit
+from fourbit.quant import batch_invariant_linear, matmul_4bit
 
 
 class _QLoraLinearFn(torch.autograd.Function):
@@ -123,13 +121,14 @@ class LoraLinear(nn.Module):
         return y + torch.nn.functional.linear(h, b) * self.scaling
 
     def _forward_skinny(self, x: torch.Tensor) -> torch.Tensor:
-        """Generation with a 4-bit base: base product straight from the codes, adapter unmerged."""
+        """Generation with a 4-bit base: base product straight from the codes, adapter unmerged; every
+        product keeps each row's bits independent of the batch (see matmul_4bit)."""
         base = self.base_layer
         xc = x if x.device.type == "cpu" else x.to(base.compute_dtype or x.dtype)  # CPU: float32 inside
         y = matmul_4bit(xc, base.packed, base.quant_state, base.bias)  # (..., out)
         cd = y.dtype
-        h = F.linear(self.lora_dropout(xc).to(cd), self.lora_A.weight.to(cd))  # (..., r)
-        return y.add_(F.linear(h, self.lora_B.weight.to(cd)), alpha=self.scaling).to(x.dtype)
+        h = batch_invariant_linear(self.lora_dropout(xc).to(cd), self.lora_A.weight.to(cd))  # (..., r)
+        return y.add_(batch_invariant_linear(h, self.lora_B.weight.to(cd)), alpha=self.scaling).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in float32, (out, in)."""

@@ -2,17 +2,19 @@
 
 Generation multiplies one row (or a handful, in a batch) by every weight matrix per token.
 Dequantizing W into a float32 buffer first writes and reads back 8 bytes per weight for 1 to 16
-multiply-adds each, so on a CPU the product is bound by that traffic; reading the 0.5-byte codes
-once and decoding them in registers (a 16-entry table per nibble, the block scale applied once
-per block) is bound by the codes alone (bench/quant_matmul.py measures both).
+multiply-adds each; reading the 0.5-byte codes once and decoding them in registers (a 16-entry
+table per nibble, the block scale applied once per block) does the same product 3-5x faster at
+one row on a CPU (bench/quant_matmul.py measures both).
 
 Dispatch, one function for every device:
   * CPU: the C kernel in `fourbit.quant.kernels.cpu` (AVX2 + FMA when the CPU has them, a
     scalar loop otherwise), output rows split over `torch.get_num_threads()` threads;
   * CUDA, one row: the Triton gemv of `fourbit.quant.kernels.triton_4bit`;
   * otherwise: the pure-torch reference, dequantize then matmul.
-Above `SKINNY_MAX_ROWS` rows dequantize + sgemm is faster on a CPU (measured crossover), so
-callers (Linear4bit, LoraLinear) use this function only up to there.
+From ~32 rows dequantize + sgemm is as fast on a CPU, so callers (Linear4bit, LoraLinear) use
+this function up to SKINNY_MAX_ROWS rows. `batch_invariant_linear` is the same kind of kernel for
+the float32 products beside a 4-bit one (LoRA adapters, an lm_head): F.linear's BLAS gives a row
+different last bits alone and in a batch, these do not.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from fourbit.quant.blockwise import dequantize_4bit, triton_kernels
 from fourbit.quant.kernels import cpu
 from fourbit.quant.state import QuantState
 
-# Rows of x up to which the CPU kernel beats dequantize + sgemm (bench/quant_matmul.py: ~2x
-# faster at 8 rows, about even at 16-32 on the SmolLM2-135M shapes, 2-core AVX2 CPU).
+# Rows of x up to which Linear4bit uses the CPU kernel rather than dequantize + sgemm
+# (bench/quant_matmul.py, SmolLM2-135M's shapes, one thread: 3.4-5.3x faster at 1 row, 2.1-2.6x
+# at 8, 1.4-1.6x at 16, even at 32).
 SKINNY_MAX_ROWS = 16
 
 
@@ -71,3 +74,20 @@ def matmul_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantSta
     w = dequantize_4bit(p, state, dtype)  # (O, K)
     y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
     return y.to(x.dtype)
+
+
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a float weight, with matmul_4bit's guarantee on a CPU: each output
+    row is bit-identical whether x has 1 row or many (BLAS picks different kernels for 1 row and for
+    8, so F.linear's rows differ in the last bits). For the small float products beside a 4-bit one
+    in batched decoding: a LoRA adapter's A and B, an unquantized lm_head. float32 arithmetic; off
+    the CPU, or without the C kernel, it is F.linear (no guarantee).
+    """
+    if x.device.type != "cpu" or not cpu.available():
+        return F.linear(x, weight, bias)
+    x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()
+    w = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.to(torch.float32).contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = cpu.matmul_f32(x2, w, bias, torch.empty((*x.shape[:-1], w.shape[0])), torch.get_num_threads())
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

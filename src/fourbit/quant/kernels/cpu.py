@@ -5,8 +5,12 @@ as a gather plus a multiply plus a cast, three passes over memory with per-op ov
 pass in C is 2-3x faster (bench/quant.py). The shared library is cached under
 `$FOURBIT_CACHE/kernels/` keyed by a hash of the source and flags, built into a temporary file
 and renamed into place. No compiler, a failed build, or `FOURBIT_NO_CKERNEL=1` means
-`available()` is False and callers use the pure-torch reference. Work is split by blocks over
-`torch.get_num_threads()` Python threads; ctypes releases the GIL during each call.
+`available()` is False and callers use the pure-torch reference. (De)quantization is split by
+blocks over `torch.get_num_threads()` Python threads (ctypes releases the GIL during each call);
+the skinny matmuls split output rows over OpenMP threads inside C when the compiler has
+OpenMP (a fork/join costs ~1 us, a Python thread pool ~25 us per call, measured), else over
+Python threads. Debug switches: FOURBIT_NO_OPENMP=1 builds without OpenMP, FOURBIT_NO_AVX2=1
+takes the scalar matmul path.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-fno-fast-math", "-ffp-contrac
 _OPENMP = ["-fopenmp"]
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MIN_BLOCKS_PER_THREAD = 256
+# Python threads cost ~50-100 us per split (an OpenMP fork/join with warm threads, ~1 us), so
+# without OpenMP a matmul is split only when its work is worth a few milliseconds.
+_MIN_PY_SPLIT = 1 << 23  # multiply-adds
 
 i64, c_int, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -73,6 +80,8 @@ def _build() -> ctypes.CDLL | None:
     lib.fb_has_f16.restype = c_int
     lib.fb_matmul4.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
     lib.fb_matmul4.restype = c_int
+    lib.fb_matmul_f32.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int]
+    lib.fb_matmul_f32.restype = c_int
     lib.fb_has_openmp.restype = c_int
     lib.fb_has_avx2.restype = c_int
     return lib
@@ -230,8 +239,9 @@ def matmul4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | N
     m = x.numel() // k
     w = _descriptor(packed, state)
     b = None if bias is None else bias.data_ptr()
-    if omp or threads <= 1:
-        rc = lib.fb_matmul4(x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr(), 0, o, threads, avx2)
+    if omp or threads <= 1 or m * k * o < _MIN_PY_SPLIT:
+        rc = lib.fb_matmul4(x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr(), 0, o, threads if omp else 1,
+                            avx2)
     else:
         step = -(-o // threads)
         args = (x.data_ptr(), m, k, o, ctypes.byref(w), b, out.data_ptr())
@@ -240,4 +250,16 @@ def matmul4(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | N
         rc = min(f.result() for f in futures)
     if rc:
         raise MemoryError(f"fourbit: the CPU 4-bit matmul could not allocate its scratch ({m} x {k} floats)")
+    return out
+
+
+def matmul_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+               threads: int) -> torch.Tensor:
+    """out (..., O) = x (..., K) @ weight (O, K)^T + bias, all float32 and contiguous on CPU, each
+    output element computed the same way whatever the number of rows (fb_matmul_f32)."""
+    omp, avx2 = _features()
+    o, k = weight.shape
+    m = x.numel() // k
+    _lib().fb_matmul_f32(x.data_ptr(), m, k, o, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), 0, o, threads if omp else 1, avx2)
     return out

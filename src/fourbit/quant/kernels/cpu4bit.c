@@ -159,9 +159,11 @@ void fb_quant4(const void *x, int dtype, int64_t n, int64_t blocksize, const flo
  *
  * AVX2 path (K and blocksize multiples of 16): 16 elements = 8 packed bytes, widened to int32
  * lanes; the high nibbles (elements 2j) and low nibbles (elements 2j+1) are looked up in the
- * scaled 16-entry table as two 8-entry halves (vpermps reads the low 3 bits of each index)
- * blended on bit 3 of the code. Decoded rows and x are stored with each 16-element chunk
- * de-interleaved (evens, then odds), so the dot products need no shuffles. */
+ * 16-entry table as two 8-entry halves (vpermps reads the low 3 bits of each index) blended on
+ * bit 3 of the code. x is stored with each 16-element chunk de-interleaved (evens, then odds),
+ * and so are decoded rows, so the dot products need no shuffles. Up to 4 rows of x (and rows of
+ * W that start on a block) the decoded values go straight into the FMAs (fused_tile_avx2); more
+ * rows read them back from the L1 buffer, so each row of W is decoded once. */
 #include <stdlib.h>
 
 int fb_has_openmp(void) {
@@ -208,24 +210,27 @@ static void decode_row_scalar(const fb_w4 *w, int64_t o, int64_t K, float *dst) 
     }
 }
 
+/* Four interleaved partial sums, combined in a fixed order. */
+static inline float dot_scalar(const float *w, const float *x, int64_t K) {
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+    int64_t i = 0;
+    for (; i + 4 <= K; i += 4) {
+        a0 += w[i] * x[i];
+        a1 += w[i + 1] * x[i + 1];
+        a2 += w[i + 2] * x[i + 2];
+        a3 += w[i + 3] * x[i + 3];
+    }
+    for (; i < K; i++) a0 += w[i] * x[i];
+    return (a0 + a1) + (a2 + a3);
+}
+
 static void mm_rows_scalar(const fb_w4 *w, const float *x, int64_t M, int64_t K, int64_t O, const float *bias,
                            float *y, int64_t o0, int64_t o1, float *wrow) {
     for (int64_t o = o0; o < o1; o++) {
         decode_row_scalar(w, o, K, wrow);
         for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int64_t i = 0;
-            for (; i + 4 <= K; i += 4) {
-                a0 += wrow[i] * xr[i];
-                a1 += wrow[i + 1] * xr[i + 1];
-                a2 += wrow[i + 2] * xr[i + 2];
-                a3 += wrow[i + 3] * xr[i + 3];
-            }
-            for (; i < K; i++) a0 += wrow[i] * xr[i];
-            float v = (a0 + a1) + (a2 + a3);
-            if (bias) v += bias[o];
-            y[m * O + o] = v;
+            const float v = dot_scalar(wrow, x + m * K, K);
+            y[m * O + o] = bias ? v + bias[o] : v;
         }
     }
 }
@@ -300,8 +305,74 @@ FB_AVX2 static void dot_rows_avx2(const float *wb, const float *xp, int64_t M, i
         for (m0 = 0; m0 < M; m0++) dot_tile_avx2(wb + r * K, xp, K, 1, 1, bias, y, O, o + r, m0);
 }
 
+/* One or two rows of x, K a multiple of the blocksize (every row of W starts a block): RT rows of
+ * W decoded in registers and used at once, no buffer. Each chain sees the same values in the
+ * same order as through the buffer (code[q] * scale is the same float32 product whether the
+ * table or the looked-up value is scaled), so both paths give the same bits. */
+FB_AVX2 static inline __attribute__((always_inline)) void fused_tile_avx2(
+        const fb_w4 *w, const float *xp, int64_t M, int64_t K, int64_t O, int64_t o, const int RT, const int MT,
+        const float *bias, float *y) {
+    const __m256 tlo = _mm256_loadu_ps(w->code), thi = _mm256_loadu_ps(w->code + 8);
+    const int64_t nb = K / w->bs, b0 = o * nb;
+    __m256 acc[4][4];
+    for (int r = 0; r < RT; r++)
+        for (int m = 0; m < MT; m++) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nb; j++) {
+        __m256 s[4];
+        for (int r = 0; r < RT; r++) s[r] = _mm256_set1_ps(block_scale(w, b0 + r * nb + j));
+        for (int64_t c = j * w->bs; c < (j + 1) * w->bs; c += 16) {
+            __m256 xe[4], xo[4];
+            for (int m = 0; m < MT; m++) {
+                xe[m] = _mm256_loadu_ps(xp + m * K + c);
+                xo[m] = _mm256_loadu_ps(xp + m * K + c + 8);
+            }
+            for (int r = 0; r < RT; r++) {
+                const uint8_t *pr = w->packed + (((o + r) * K + c) >> 1);
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)pr));
+                const __m256i vh = _mm256_srli_epi32(v, 4);
+                const __m256 wh = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, vh),
+                    _mm256_permutevar8x32_ps(thi, vh), _mm256_castsi256_ps(_mm256_slli_epi32(v, 24))), s[r]);
+                const __m256 wl = _mm256_mul_ps(_mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, v),
+                    _mm256_permutevar8x32_ps(thi, v), _mm256_castsi256_ps(_mm256_slli_epi32(v, 28))), s[r]);
+                for (int m = 0; m < MT; m++) {
+                    acc[r][m] = _mm256_fmadd_ps(wh, xe[m], acc[r][m]);
+                    acc[r][m] = _mm256_fmadd_ps(wl, xo[m], acc[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < RT; r++)
+        for (int m = 0; m < MT; m++) {
+            float v = hsum8(acc[r][m]);
+            if (bias) v += bias[o + r];
+            y[m * O + o + r] = v;
+        }
+    (void)M;
+}
+
 FB_AVX2 static void mm_rows_avx2(const fb_w4 *w, const float *xp, int64_t M, int64_t K, int64_t O,
                                  const float *bias, float *y, int64_t o0, int64_t o1, float *wb) {
+    if (M <= 4 && K % w->bs == 0) {
+        int64_t o = o0;
+        switch (M) {
+            case 1:
+                for (; o + 4 <= o1; o += 4) fused_tile_avx2(w, xp, M, K, O, o, 4, 1, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 1, bias, y);
+                break;
+            case 2:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 2, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 2, bias, y);
+                break;
+            case 3:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 3, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 3, bias, y);
+                break;
+            default:
+                for (; o + 2 <= o1; o += 2) fused_tile_avx2(w, xp, M, K, O, o, 2, 4, bias, y);
+                for (; o < o1; o++) fused_tile_avx2(w, xp, M, K, O, o, 1, 4, bias, y);
+        }
+        return;
+    }
     for (int64_t o = o0; o < o1; o += FB_ROWS) {
         const int rows = (int)((o1 - o < FB_ROWS) ? o1 - o : FB_ROWS);
         for (int r = 0; r < rows; r++) decode_row_avx2(w, o + r, K, wb + r * K);
@@ -369,4 +440,44 @@ int fb_matmul4(const float *x, int64_t M, int64_t K, int64_t O, const fb_w4 *wq,
     }
     free(xp);
     return failed ? -1 : 0;
+}
+
+/* y (M, O) = x (M, K) @ W^T (+ bias) for a float32 W (O, K), row-major: the small float32 products
+ * that sit next to a 4-bit one (a LoRA adapter's A and B, an lm_head), with the same guarantee as
+ * fb_matmul4 -- y[m, o] is one chain of multiply-adds over k in a fixed order, whatever M, the
+ * tiling and the threads -- which BLAS does not give (its kernels for 1 row and for 8 differ). */
+int fb_matmul_f32(const float *x, int64_t M, int64_t K, int64_t O, const float *w, const float *bias, float *y,
+                  int64_t o0, int64_t o1, int nthreads, int use_avx2) {
+    if (o1 <= o0) return 0;
+    if (nthreads < 1) nthreads = 1;
+    if (o1 - o0 < nthreads) nthreads = (int)(o1 - o0);
+    const int64_t step = (o1 - o0 + nthreads - 1) / nthreads;
+    int avx2 = 0;
+#ifdef FB_X86
+    avx2 = use_avx2 && K % 8 == 0;
+#endif
+    (void)use_avx2;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) if (nthreads > 1)
+#endif
+    for (int t = 0; t < nthreads; t++) {
+        const int64_t a = o0 + t * step, z = (a + step < o1) ? a + step : o1;
+#ifdef FB_X86
+        if (avx2) {
+            for (int64_t o = a; o < z; o += FB_ROWS) {
+                const int rows = (int)((z - o < FB_ROWS) ? z - o : FB_ROWS);
+                dot_rows_avx2(w + o * K, x, M, K, rows, bias, y, O, o);
+            }
+            continue;
+        }
+#endif
+        for (int64_t o = a; o < z; o++) {
+            const float *wr = w + o * K;
+            for (int64_t m = 0; m < M; m++) {
+                const float v = dot_scalar(wr, x + m * K, K);
+                y[m * O + o] = bias ? v + bias[o] : v;
+            }
+        }
+    }
+    return 0;
 }
