@@ -50,12 +50,7 @@ from torch import nn
 
 from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
 from fourbit.nn.lora import LoraLinear
-from fourbit.quant import SKINNY_MAX_ROWS, QuantState, dequantize_absmax, matmul_4bit
-
-try:  # the C kernel's float32 matmul whose rows do not depend on the batch (cpukernel branch; until
-    from fourbit.quant import batch_invariant_linear  # it is merged, dense rows use row blocks only)
-except ImportError:
-    batch_invariant_linear = None
+from fourbit.quant import SKINNY_MAX_ROWS, QuantState, batch_invariant_linear, dequantize_absmax, matmul_4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
@@ -142,7 +137,7 @@ class _Proj:
 
 def _dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T + b, through batch_invariant_linear where it applies (float32 on a CPU), else F.linear."""
-    if batch_invariant_linear is not None and x.device.type == "cpu" and weight.dtype == torch.float32:
+    if x.device.type == "cpu" and weight.dtype == torch.float32:
         return batch_invariant_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -440,8 +435,8 @@ class Head:
     def __init__(self, linear: nn.Linear, row_block: int, screen: bool):
         self.weight, self.bias, self.row_block = linear.weight, linear.bias, row_block
         self.screen = _fp16_screen(linear.weight) if screen else None
-        self.rows_free = batch_invariant_linear is not None and self.weight.device.type == "cpu" and \
-            self.weight.dtype == torch.float32 and self._rows_independent()
+        self.rows_free = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and \
+            self._rows_independent()
 
     @torch.no_grad()
     def _rows_independent(self) -> bool:
