@@ -126,16 +126,17 @@ def measure(side: str, task: str, model_dir: str, n: int, batch_size: int) -> di
     batch = prompts(tok, batch_size)
     gen = side_generator(side, model_dir, batch)
     gen(n)  # warm-up as long as the timed run (first-call costs, caches, page faults)
-    if task == "decode":
-        t0 = time.perf_counter()
-        gen(1)
-        t1 = time.perf_counter()
-        gen(n)
-        t2 = time.perf_counter()
-        return {"value": (n - 1) * len(batch) / ((t2 - t1) - (t1 - t0)), "unit": "tok/s"}
-    t0 = time.perf_counter()
-    gen(n)
-    return {"value": n * len(batch) / (time.perf_counter() - t0), "unit": "tok/s"}
+
+    def timed(k):  # (wall seconds, CPU seconds of this process, all threads)
+        w, c = time.perf_counter(), time.process_time()
+        gen(k)
+        return time.perf_counter() - w, time.process_time() - c
+    if task == "decode":  # decode only: generating 1 token (prompt + first token) subtracted from N
+        (w1, c1), (wn, cn) = timed(1), timed(n)
+        tokens, wall, cpu = (n - 1) * len(batch), wn - w1, cn - c1
+    else:
+        tokens, (wall, cpu) = n * len(batch), timed(n)
+    return {"value": tokens / wall, "unit": "tok/s", "per_cpu_s": tokens / cpu}
 
 
 def train_step(ckpt: bool, side: str, quick: bool) -> dict:
@@ -148,52 +149,57 @@ def train_step(ckpt: bool, side: str, quick: bool) -> dict:
 
 
 def head_study(model_dir: str, n: int, quick: bool) -> dict:
-    """lm_head (49,152 x 576 fp32, tied to the embedding): its time per decoding step in fp32 and as a
-    bf16 / fp16 decoding copy, the logit error each copy costs against float64, and whether greedy
-    tokens change on the sample prompts."""
+    """lm_head (49,152 x 576 fp32, tied to the embedding): time per call at 1 and 8 rows and logit
+    error of the float32 head, the engine's float16 screen (greedy; exact argmax by construction),
+    and plain bf16 / int8 decoding copies; greedy tokens of the engine with and without the screen."""
     import torch
+    import torch.nn.functional as F
 
     from fourbit.engine import Engine
     from fourbit.models import load_model
 
     model, tok = load_model(model_dir, quant="nf4", device="cpu")
     batch = prompts(tok, 4 if quick else 8)
-    w = model.get_output_embeddings().weight.detach()
-    x = torch.randn(2, w.shape[1]) * 3  # two rows: the decode block (row_block)
-    out = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        wd, xd = w.to(dt), x.to(dt)
-        f = lambda: torch.nn.functional.linear(xd, wd)  # noqa: E731
-        f()
-        times = []
-        for _ in range(5 if quick else 20):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        engine = Engine(model, tok, max_batch=len(batch), max_seq_len=max(map(len, batch)) + n + 1, head_dtype=dt)
-        hidden, tokens = _hidden_states(engine, batch, n)
-        ref = torch.nn.functional.linear(hidden.double(), w.double())
-        err = (torch.nn.functional.linear(hidden.to(dt), wd).double() - ref).abs().max().item()
-        out[name] = {"ms": sorted(times)[len(times) // 2] * 1e3, "max_abs_logit_err": err, "tokens": tokens}
-    ref_tokens = out["fp32"]["tokens"]
-    for v in out.values():
-        v["same_tokens"], v["prompts"] = sum(a == b for a, b in zip(v.pop("tokens"), ref_tokens)), len(batch)
-    return out
-
-
-def _hidden_states(engine, batch, n):
-    """(final hidden states that fed the head while generating, greedy tokens per prompt)."""
+    seq = max(map(len, batch)) + n + 1
+    screened = Engine(model, tok, max_batch=len(batch), max_seq_len=seq)
+    head = screened._backend.head
     seen = []
-    dec = engine._backend
-    inner = dec._linear_head
-    dec._linear_head = lambda x, decode: (seen.append(x.detach().clone()), inner(x, decode))[1]
-    try:
-        tokens = engine.generate(batch, max_new_tokens=n, stop_token_ids=[])
-    finally:
-        del dec._linear_head
-    import torch
-
-    return torch.cat(seen).float(), tokens
+    greedy = head.greedy
+    head.greedy = lambda x: (seen.append(x.detach().clone()), greedy(x))[1]  # record the head's inputs
+    tokens = screened.generate(batch, max_new_tokens=n, stop_token_ids=[])
+    del head.greedy
+    ref_tokens = Engine(model, tok, max_batch=len(batch), max_seq_len=seq, head_screen=False).generate(
+        batch, max_new_tokens=n, stop_token_ids=[])
+    hidden = torch.cat(seen)  # (rows seen, 576)
+    w = head.weight.detach()
+    exact = F.linear(hidden.double(), w.double())
+    w_bf16 = w.bfloat16()
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    lin.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    q8 = torch.ao.nn.quantized.dynamic.Linear.from_float(lin)
+    ways = {"float32 (blocks of 2 rows)": (lambda x: head.logits(x).argmax(-1).tolist(), lambda x: head.logits(x)),
+            "float16 screen + float32 check (engine default, greedy)": (head.greedy, None),
+            "bfloat16 copy": (None, lambda x: F.linear(x.bfloat16(), w_bf16).float()),
+            "int8 copy (fbgemm dynamic, per-row scales)": (None, lambda x: q8(x))}
+    out = {}
+    for name, (pick, logits) in ways.items():
+        f = pick or logits
+        row = {}
+        for rows in (1, 8):
+            x = hidden[:rows]
+            f(x)
+            times = []
+            for _ in range(3 if quick else 10):
+                t0 = time.perf_counter()
+                f(x)
+                times.append(time.perf_counter() - t0)
+            row[f"ms_{rows}"] = sorted(times)[len(times) // 2] * 1e3
+        row["err"] = (logits(hidden).double() - exact).abs().max().item() if logits else 0.0
+        out[name] = row
+    same = sum(a == b for a, b in zip(tokens, ref_tokens))
+    out["float16 screen + float32 check (engine default, greedy)"]["same"] = f"{same}/{len(batch)}"
+    return out
 
 
 # -- orchestration -----------------------------------------------------------------------------------
@@ -223,19 +229,23 @@ def abba(args, task: str, sides: list[str], n: int, batch: int) -> dict[str, dic
     out = {}
     for side, rs in runs.items():
         if rs:
-            out[side] = {**rs[0], "value": sum(r["value"] for r in rs) / len(rs), "runs": [r["value"] for r in rs]}
+            out[side] = {**rs[0], "runs": [r["value"] for r in rs]}
+            for key in ("value", "per_cpu_s"):
+                if key in rs[0]:
+                    out[side][key] = sum(r[key] for r in rs) / len(rs)
     return out
 
 
-def table(rows: list[tuple], skipped: dict[str, str], args, threads: int) -> str:
+def table(rows: list[tuple], args, threads: int) -> str:
     import torch
 
     lines = [f"# SmolLM2-135M-Instruct, CPU {threads} threads, torch {torch.__version__}"
              f"{', DRY RUN (tiny random model)' if args.dry_run else ''}{', --quick' if args.quick else ''}",
-             "| task | side | result | vs llama.cpp | vs transformers+bnb | runs |", "|---|---|---:|---:|---:|---|"]
-    for task, side, r, ref_llama, ref_bnb in rows:
+             "| task | side | result | vs llama.cpp | vs transformers+bnb | runs | tokens per CPU-second |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for task, side, r, ref_llama, ref_bnb, why in rows:
         if r is None:
-            lines.append(f"| {task} | {side} | skipped: {skipped.get(side, 'failed')} | | | |")
+            lines.append(f"| {task} | {side} | skipped: {why} | | | | |")
             continue
         higher = r["unit"] == "tok/s"
 
@@ -244,10 +254,12 @@ def table(rows: list[tuple], skipped: dict[str, str], args, threads: int) -> str
                 return ""
             return f"{(r['value'] / ref['value'] if higher else ref['value'] / r['value']):.2f}x"
         extra = f", peak RSS {r['peak_rss'] / 1e9:.2f} GB" if "peak_rss" in r else ""
+        cpu = f"{r['per_cpu_s']:.2f}" if "per_cpu_s" in r else ""
         lines.append(f"| {task} | {side} | {r['value']:.2f} {r['unit']}{extra} | {ratio(ref_llama)} | {ratio(ref_bnb)} | "
-                     f"{' / '.join(f'{v:.2f}' for v in r.get('runs', []))} |")
-    lines.append("Ratios are speed ratios (> 1: this side is faster); training peak memory ratio vs PEFT+bnb is "
-                 "in the peak RSS column.")
+                     f"{' / '.join(f'{v:.2f}' for v in r.get('runs', []))} | {cpu} |")
+    lines.append("Ratios are wall-clock speed ratios (> 1: this side is faster), from the mean of the runs listed. "
+                 "Tokens per CPU-second (all threads of the side's process) is the figure that a busy machine "
+                 "disturbs least at 1 thread; at more threads it also counts threads spinning while they wait.")
     return "\n".join(lines)
 
 
@@ -279,6 +291,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every side")
     ap.add_argument("--quick", action="store_true", help="fewer tokens, one run per side, a tiny training step")
     ap.add_argument("--dry-run", action="store_true", help="tiny random model in this process: tests the harness")
+    ap.add_argument("--rows", default="decode,generate,train,head", help="which parts to run (comma-separated)")
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
@@ -302,27 +315,28 @@ def main(argv: list[str] | None = None) -> str:
     n = 4 if args.dry_run else 8 if args.quick else args.tokens
     batch = 4 if args.quick and not args.dry_run else args.batch
     skipped = {s: why for s in DECODE_SIDES + BATCH_SIDES if (why := skip_reason(s, args.dry_run))}
-    rows = []
-    dec = abba(args, "decode", [s for s in DECODE_SIDES if s not in skipped], n, 1)
-    for s in DECODE_SIDES:
-        rows.append(("decode, batch 1", s, dec.get(s), dec.get("llama.cpp"), dec.get("transformers+bnb")))
-    gen = abba(args, "generate", [s for s in BATCH_SIDES if s not in skipped], n, batch)
-    for s in BATCH_SIDES:
-        rows.append((f"generate, batch {batch}", s, gen.get(s), None, gen.get("transformers+bnb")))
     if args.dry_run:
         skipped["fourbit"] = skipped["peft+bnb"] = "dry run (the step loads SmolLM2)"
-    for ckpt in (False, True):
-        task = "train ckpt" if ckpt else "train"
-        res = {} if args.dry_run else abba(args, task, ["fourbit", "peft+bnb"], n, batch)
-        for s in ("fourbit", "peft+bnb"):
-            rows.append((f"QLoRA step, checkpointing {'on' if ckpt else 'off'}", s, res.get(s), None, res.get("peft+bnb")))
-    out = table(rows, skipped, args, args.threads)
-    head = head_study(args.model_dir, n, True) if args.dry_run else run_side(args, "head", "fourbit engine", n, 1)
+    parts = set(args.rows.split(","))
+    groups = [("decode", "decode, batch 1", DECODE_SIDES, 1, ("llama.cpp", "transformers+bnb")),
+              ("generate", f"generate, batch {batch}", BATCH_SIDES, batch, (None, "transformers+bnb")),
+              ("train", "QLoRA step, checkpointing off", ["fourbit", "peft+bnb"], batch, (None, "peft+bnb")),
+              ("train ckpt", "QLoRA step, checkpointing on", ["fourbit", "peft+bnb"], batch, (None, "peft+bnb"))]
+    rows = []
+    for task, label, sides, b, (ref_a, ref_b) in groups:
+        asked = task.split()[0] in parts
+        res = abba(args, task, [s for s in sides if s not in skipped], n, b) if asked else {}
+        for s in sides:
+            why = skipped.get(s, "failed") if asked else f"not run (--rows {args.rows})"
+            rows.append((label, s, res.get(s), res.get(ref_a), res.get(ref_b), why))
+    out = table(rows, args, args.threads)
+    head = None if "head" not in parts else head_study(args.model_dir, n, True) if args.dry_run else \
+        run_side(args, "head", "fourbit engine", n, 1)
     if head:
-        out += ("\n\nlm_head as a decoding copy (2 rows per call; logit error vs float64 over the hidden states of "
-                "greedy decoding; greedy tokens vs the fp32 head):\n| lm_head | ms per call | max abs logit error | "
-                "prompts with identical greedy tokens |\n|---|---:|---:|---:|\n")
-        out += "\n".join(f"| {k} | {v['ms']:.2f} | {v['max_abs_logit_err']:.2e} | {v['same_tokens']}/{v['prompts']} |"
+        out += ("\n\nlm_head at decoding (ms per call; max abs logit error vs float64 over the hidden states of greedy "
+                "decoding; the screen returns the float32 argmax, see fourbit.decoder):\n| lm_head | ms, 1 row | "
+                "ms, 8 rows | max abs logit error | greedy tokens equal to the float32 head's |\n|---|---:|---:|---:|---:|\n")
+        out += "\n".join(f"| {k} | {v['ms_1']:.2f} | {v['ms_8']:.2f} | {v['err']:.2e} | {v.get('same', '')} |"
                          for k, v in head.items())
     print(out)
     return out

@@ -29,4 +29,8 @@ def test_dry_run_prints_the_table(capsys):
     assert "skipped: dry run" in next(r for r in rows if "llama.cpp" in r)
     for r in measured.values():
         assert float(r.split(" | ")[2].split()[0]) > 0
-    assert [line.split(" | ")[0] for line in head_table.splitlines()[-3:]] == ["| fp32", "| bf16", "| fp16"]
+    head_rows = head_table.splitlines()[-4:]
+    assert [r.split(" | ")[0] for r in head_rows] == ["| float32 (blocks of 2 rows)",
+                                                     "| float16 screen + float32 check (engine default, greedy)",
+                                                     "| bfloat16 copy", "| int8 copy (fbgemm dynamic, per-row scales)"]
+    assert head_rows[1].endswith("| 4/4 |")  # the screen's greedy tokens are the float32 head's

@@ -125,20 +125,50 @@ def test_batch_invariance(tiny_dir, tmp_path, quant):
 
 @pytest.mark.parametrize("quant", [None, "nf4"])
 def test_decode_logits_bit_identical_in_any_batch(tiny_dir, tmp_path, quant):
-    """Stronger than tokens: the logits row of a request is the same bits alone and among others."""
+    """Stronger than tokens: a request's hidden state and logits are the same bits alone and among others."""
     model, _ = load_model(tiny_dir, quant=quant, device="cpu")
     engine = Engine(model, None, max_batch=8, max_seq_len=64)
     engine.add_adapter("a", _adapter(tmp_path, model, "a", 4, "all-linear", 1))
     dec, lora = engine._backend, engine._adapters["a"]
-    for slot, p in enumerate(PROMPTS):
-        dec.prefill(slot, p, lora if slot % 2 else None)
+    items = [(slot, p, lora if slot % 2 else None) for slot, p in enumerate(PROMPTS)]
+    items.append((5, list(range(30, 52)), lora))  # > 16 rows: the dequantize-once path
+    together = dec.prefill(items)  # the prompts' first tokens: computed together, the same bits as alone
+    for i in (5, 4, 1):
+        assert torch.equal(dec.prefill([items[i]])[0], together[i])
     toks, pos = [3, 4, 5, 6, 7], [len(p) for p in PROMPTS]
     full = dec.decode([0, 1, 2, 3, 4], toks, pos, [(lora, torch.tensor([1, 3]))])
+    full_logits, full_greedy = dec.logits(full), dec.greedy(full)
     for i in range(5):
         alone = dec.decode([i], [toks[i]], [pos[i]], [(lora, None)] if i % 2 else [])
         assert torch.equal(alone[0], full[i]), f"row {i}"
+        assert torch.equal(dec.logits(alone)[0], full_logits[i]) and dec.greedy(alone) == [full_greedy[i]]
     pair = dec.decode([3, 1], [toks[3], toks[1]], [pos[3], pos[1]], [(lora, None)])
     assert torch.equal(pair[0], full[3]) and torch.equal(pair[1], full[1])
+
+
+def test_float16_screen_bound_and_exact_argmax():
+    """The screen's error bound holds against float64, and its tokens are the float32 head's argmax,
+    on hidden states with outliers and on near-ties (two rows of W almost equal)."""
+    from fourbit.decoder import Head
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(96, 3000, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(3000, 96, generator=g) * 0.05)
+        lin.weight[7] = lin.weight[11] * (1 + 1e-4)  # near-tie between tokens 7 and 11
+    head = Head(lin, row_block=2, screen=True)
+    assert head.screen is not None
+    x = torch.randn(64, 96, generator=g) * 2
+    x[::5, :3] *= 40  # outlier features
+    x[1] = lin.weight[11] * 50  # a row whose best tokens are 7 and 11
+    q16, w_norm = head.screen
+    err = (q16(x).double() - torch.nn.functional.linear(x.double(), lin.weight.double())).abs()
+    k = x.shape[1]
+    bound = x.norm(dim=1, keepdim=True).double() * (2.0 ** -11 + 2 * k * 2.0 ** -24) * w_norm.double() + \
+        x.abs().sum(dim=1, keepdim=True).double() * 2.0 ** -25
+    assert bool((err <= bound).all())
+    assert head.greedy(x) == head.logits(x).argmax(dim=-1).tolist()
+    assert head.greedy(x) == [head.greedy(x[i:i + 1])[0] for i in range(len(x))]  # row by row: the same
 
 
 def test_finish_reasons_and_events():
@@ -227,6 +257,8 @@ def test_generate_texts_batched_equals_batch_1(tiny_chat_dir):
     one = generate_texts(model, tok, texts, max_new_tokens=8, batch_size=1)
     assert generate_texts(model, tok, texts, max_new_tokens=8, batch_size=4) == one
     assert generate_texts(model, tok, texts, max_new_tokens=8, batch_size=3) == one
+    engine = Engine(model, tok, max_batch=2, max_seq_len=128)
+    assert generate_texts(model, tok, texts, max_new_tokens=8, engine=engine) == one  # a reused engine
     ids = tok(texts[1], add_special_tokens=False)["input_ids"]
     ref = _hf_greedy(model, ids, 8)
     assert one[1] == tok.decode(ref, skip_special_tokens=True)

@@ -4,15 +4,21 @@ The engine (fourbit.engine) owns requests and sampling; this module owns the ari
 the weights out of a loaded transformers model (Llama, Mistral, Qwen2: RMSNorm, rotary embeddings,
 grouped-query attention, SwiGLU) and runs its own loop over the layers, because transformers'
 eager forward spends most of a CPU decoding step in Python (module calls, cache objects, mask
-building) rather than arithmetic. Per layer and step this loop makes four projection calls
-(q/k/v and gate/up fused into one matrix each when the base is an nn.Linear; a Linear4bit base
-is called as it is, so fourbit's 4-bit kernels serve it), one RMSNorm per sublayer and three
-small ops of attention per row (two bmm and a softmax, written out: torch's SDPA opens an OpenMP
-region per call, which cost 20 ms instead of 20 us per call on a busy 2-core machine).
+building) rather than arithmetic. Per layer and step the loop makes four projection calls: q|k|v
+and gate|up are fused into one matrix each (dense weights concatenated; 4-bit codes concatenated
+and multiplied by `fourbit.quant.matmul_4bit` straight from the codes), plus one RMSNorm per
+sublayer, the rotary embedding, and three small ops of attention per row (two bmm and a softmax,
+written out: torch's SDPA opens an OpenMP region per call, which cost 20 ms instead of 20 us per
+call on a busy 2-core machine). lm_head's argmax goes through a float16 screen (see `Head`).
+We also tried torch.compile on transformers' static-cache forward instead: it compiled for 10
+minutes on this (busy) 2-core CPU, cannot see into the 4-bit kernel (an opaque ctypes call), and
+on the 16-bit SmolLM2 decoded at 2.1 s/token against 4.9 eager and 1.0 for this loop (same
+machine and load, runs one after the other).
 
-The KV cache is allocated once, (layers, max_batch, kv_heads, max_seq, head_dim) for K and V
-(gpt-fast's static cache): a request owns one batch row ("slot") from prefill to finish, so rows
-join and leave between steps without copying anything.
+The KV cache is allocated once (gpt-fast's static cache), V as (layers, max_batch, kv_heads,
+max_seq, head_dim) and K as the transposed view of the same layout, so a row's attention scores
+are one bmm: a request owns one batch row ("slot") from prefill to finish, and rows join and
+leave between steps without copying anything.
 
 Adapters stay unmerged (S-LoRA, Sheng et al. 2023; Punica, Chen et al. 2023): for each adapter
 and layer we keep A^T (in, r) and B^T * scaling (r, out) per projection group (q|k|v stacked
@@ -26,10 +32,12 @@ LoRA, norms and elementwise ops are computed per row (attention over the row's o
 BLAS matmuls are the problem: MKL picks its kernel and thread split from the shape, and row i of
 x @ W^T differs in its last bits between 1 and 8 rows (measured on torch 2.13 / MKL 2024.2: every
 shape we tried), while a call with a FIXED number of rows gives the same bits for a row whatever
-the other rows hold or where it sits. So dense linears are called on blocks of exactly
-`row_block` rows (the batch is padded at the embedding). A Linear4bit whose kernel computes rows
-independently (fourbit's CPU kernel for few rows) needs no padding; we do not assume it, we probe
-each 4-bit shape once at build time and pad the ones that fail.
+the other rows hold or where it sits. So while decoding, dense linears go through fourbit's C
+kernel that computes rows independently (`batch_invariant_linear`) where it applies, and
+otherwise are called on blocks of exactly `row_block` rows (the batch is padded at the
+embedding). The 4-bit kernel (`matmul_4bit`, up to SKINNY_MAX_ROWS rows) computes rows
+independently too. We do not assume either: each group's decoding call is probed once at build
+time (1, 2, 3 and 8 rows against 16) and the ones that fail get row blocks.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from torch import nn
 
 from fourbit.nn.linear4bit import Linear4bit, dequantize_weight
 from fourbit.nn.lora import LoraLinear
-from fourbit.quant import SKINNY_MAX_ROWS, QuantState, dequantize_absmax, matmul_4bit
+from fourbit.quant import SKINNY_MAX_ROWS, QuantState, batch_invariant_linear, dequantize_absmax, matmul_4bit
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 GROUPS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o": ("self_attn.o_proj",),
@@ -91,7 +99,7 @@ class _Proj:
         self.outs = [b.out_features for b in bases]
         self.in_features = bases[0].in_features
         self.dense = all(isinstance(b, nn.Linear) for b in bases)
-        self.row_independent = False  # set by Decoder._probe for 4-bit groups
+        self.row_independent = False  # set by Decoder._probe
         if self.dense:
             self.weight, self.bias = _fuse(bases)
         elif all(isinstance(b, Linear4bit) for b in bases):
@@ -104,6 +112,34 @@ class _Proj:
             return F.linear(x, self.weight, self.bias)
         ys = [_q4(x, *part) for part in self.parts]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoding call: as __call__, but a dense group goes through the batch-invariant kernel."""
+        return _dense_rows(x, self.weight, self.bias) if self.dense else self(x)
+
+    def many(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """[self(x) for x in xs], the same arithmetic, dequantizing each 4-bit matrix at most once."""
+        if self.dense:
+            return [self(x) for x in xs]
+        per_part = []
+        for packed, state, bias in self.parts:
+            w = None
+            ys = []
+            for x in xs:
+                if state is None or x.shape[0] <= SKINNY_MAX_ROWS:
+                    ys.append(_q4(x, packed, state, bias))
+                else:
+                    w = dequantize_weight(packed, state, x.dtype) if w is None else w  # (out, in), scratch
+                    ys.append(F.linear(x, w, bias))
+            per_part.append(ys)
+        return [ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1) for ys in zip(*per_part)]
+
+
+def _dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b, through batch_invariant_linear where it applies (float32 on a CPU), else F.linear."""
+    if x.device.type == "cpu" and weight.dtype == torch.float32:
+        return batch_invariant_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _q4(x: torch.Tensor, packed, state, bias) -> torch.Tensor:
@@ -167,9 +203,11 @@ def _fuse_4bit(layers: list[Linear4bit]) -> list[tuple]:
 class LoraWeights:
     """One adapter in the decoder's layout: per layer and group, A^T (in, R) and B^T * scaling (R, out).
 
-    `modules` maps a module path relative to a decoder layer ("self_attn.q_proj") to (A (r, in),
-    B (out, r), scaling) per layer index. A group's rank R is the sum of its projections' ranks
-    (zero blocks where a projection has no adapter), so q, k and v share one pair of matmuls."""
+    `per_layer[i]` maps a module path inside decoder layer i ("self_attn.q_proj") to (A (r, in),
+    B (out, r), scaling). A group's rank R is the sum of its projections' ranks (zero blocks where
+    a projection has no adapter), so q, k and v share one pair of matmuls. Adapters are not padded
+    to a common rank: the rows of a step are grouped by adapter, so none is needed, and a
+    request's bits then do not depend on which other adapters happen to be loaded."""
 
     def __init__(self, per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
                  layers: list[dict[str, _Proj]], dtype: torch.dtype, device: torch.device):
@@ -200,18 +238,14 @@ def _starts(sizes: list[int]) -> list[int]:
 
 
 class Decoder:
-    """Prefill one request into its cache slot, or decode one token for many slots at once."""
+    """Prefill prompts into their cache rows (each on its own), or decode one token for many rows at once."""
 
-    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2,
-                 head_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, max_batch: int, max_seq: int, row_block: int = 2, head_screen: bool = True):
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        head = model.get_output_embeddings()
-        self.head = (head.weight, head.bias)
-        if head_dtype is not None and head_dtype != head.weight.dtype:  # a copy for decoding only
-            self.head = tuple(None if t is None else t.detach().to(head_dtype) for t in self.head)
+        self.head = Head(model.get_output_embeddings(), row_block, head_screen)
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -230,7 +264,7 @@ class Decoder:
             self.windows.append(w if w is not None and w < max_seq else None)
         self.max_batch, self.max_seq = max_batch, max_seq
         shape = (len(self.layers), max_batch, self.n_kv, max_seq, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kt_cache = torch.zeros(shape, dtype=self.dtype, device=self.device).transpose(3, 4)  # K^T: (.., D, S)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cos, self.sin = _rope_tables(inner.rotary_emb, max_seq, self.dtype, self.device)
         self._probe()
@@ -238,18 +272,16 @@ class Decoder:
     # -- build-time checks -----------------------------------------------------------------------
     @torch.no_grad()
     def _probe(self) -> None:
-        """Mark 4-bit groups whose rows are computed independently (see Note: Batch invariance)."""
+        """Mark the groups whose decoding call computes rows independently (Note: Batch invariance)."""
         seen: dict[tuple, bool] = {}
         g = torch.Generator(device="cpu").manual_seed(0)
         for projs in self.layers:
             for p in projs.values():
-                if p.dense:
-                    continue
-                key = (p.in_features, tuple(p.outs), len(p.parts))
+                key = (p.dense, p.in_features, tuple(p.outs), 0 if p.dense else len(p.parts))
                 if key not in seen:
                     x = torch.randn(SKINNY_MAX_ROWS, p.in_features, generator=g).to(self.device, self.dtype)
-                    full = p(x)
-                    seen[key] = all(torch.equal(p(x[i:j]), full[i:j]) for i, j in ((0, 1), (0, 2), (1, 4), (3, 11)))
+                    full = p.step(x)
+                    seen[key] = all(torch.equal(p.step(x[i:j]), full[i:j]) for i, j in ((0, 1), (0, 2), (1, 4), (3, 11)))
                 p.row_independent = seen[key]
 
     # -- pieces ------------------------------------------------------------------------------------
@@ -259,12 +291,12 @@ class Decoder:
             return p(x)
         block = SKINNY_MAX_ROWS if p.row_independent else self.row_block
         if x.shape[0] <= block and (p.row_independent or x.shape[0] == block):
-            return p(x)
-        return torch.cat([p(c) for c in x.split(block)])  # decode batches are padded to whole blocks
+            return p.step(x)
+        return torch.cat([p.step(c) for c in x.split(block)])  # decode batches are padded to whole blocks
 
     def _lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, group: str, lora_rows) -> torch.Tensor:
         """y += per-row LoRA products; lora_rows: [(LoraWeights, row index tensor or None for all rows)]."""
-        for weights, rows in lora_rows:
+        for weights, rows in lora_rows:  # (usually empty: a base-model batch)
             ab = weights.groups[layer].get(group)
             if ab is None:
                 continue
@@ -286,30 +318,43 @@ class Decoder:
 
     # -- forward -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], lora: LoraWeights | None = None) -> torch.Tensor:
-        """Run a prompt through the model into cache row `slot`; logits (vocab,) of its last token."""
-        t = len(ids)
-        x = F.embedding(torch.tensor(ids, device=self.device), self.embed)  # (T, hidden)
-        cos, sin = self.cos[:t, None], self.sin[:t, None]  # (T, 1, D)
-        lora_rows = [(lora, None)] if lora is not None else []
-        h_q, h_kv, d = self.n_heads, self.n_kv, self.head_dim
+    def prefill(self, items: list[tuple[int, list[int], LoraWeights | None]]) -> torch.Tensor:
+        """Run prompts into their cache rows: items are (slot, prompt ids, adapter or None). The final
+        hidden state of each prompt's last token, (len(items), hidden).
+
+        Each prompt is computed on its own (its own matmuls, so its bits do not depend on the others);
+        done together, layer by layer, so that a 4-bit matrix dequantized for one prompt's many rows
+        serves every prompt of the step."""
+        xs = [F.embedding(torch.tensor(ids, device=self.device), self.embed) for _, ids, _ in items]  # (T, hidden)
+        loras = [[(lora, None)] if lora is not None else [] for _, _, lora in items]
         for li, projs in enumerate(self.layers):
             (w1, e1), (w2, e2) = self.norms[li]
-            h = F.rms_norm(x, (x.shape[-1],), w1, e1)
-            qkv = self._lora(self._linear(projs["qkv"], h, False), h, li, "qkv", lora_rows).view(t, -1, d)
-            qk = self._rope(qkv[:, :h_q + h_kv], cos, sin)  # (T, H + Hkv, D)
-            k = qk[:, h_q:].transpose(0, 1)  # (Hkv, T, D)
-            v = qkv[:, h_q + h_kv:].transpose(0, 1)
-            self.k_cache[li, slot, :, :t] = k
-            self.v_cache[li, slot, :, :t] = v
-            mask = _window_mask(t, self.windows[li], self.device)
-            a = F.scaled_dot_product_attention(qk[:, :h_q].transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
-                                               is_causal=mask is None, scale=self.scale, enable_gqa=h_q != h_kv)
-            a = a[0].transpose(0, 1).reshape(t, h_q * d)  # (T, H*D)
-            x = x + self._lora(self._linear(projs["o"], a, False), a, li, "o", lora_rows)
-            x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, False)
-        x = F.rms_norm(x[-1:], (x.shape[-1],), *self.norm)
-        return self._linear_head(x, decode=False)[0]
+            hs = [F.rms_norm(x, (x.shape[-1],), w1, e1) for x in xs]
+            qkvs = [self._lora(y, h, li, "qkv", lr) for y, h, lr in zip(projs["qkv"].many(hs), hs, loras)]
+            attn = [self._attend_prompt(li, slot, qkv) for (slot, _, _), qkv in zip(items, qkvs)]
+            for x, y, a, lr in zip(xs, projs["o"].many(attn), attn, loras):
+                x.add_(self._lora(y, a, li, "o", lr))
+            hs = [F.rms_norm(x, (x.shape[-1],), w2, e2) for x in xs]
+            gus = [self._lora(y, h, li, "gate_up", lr) for y, h, lr in zip(projs["gate_up"].many(hs), hs, loras)]
+            acts = [F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:] for gu in gus]
+            for x, y, a, lr in zip(xs, projs["down"].many(acts), acts, loras):
+                x.add_(self._lora(y, a, li, "down", lr))
+        return torch.cat([F.rms_norm(x[-1:], (x.shape[-1],), *self.norm) for x in xs])  # the head's inputs
+
+    def _attend_prompt(self, li: int, slot: int, qkv: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention of one prompt (T, (H + 2 Hkv) * D) -> (T, H * D); fills its cache row."""
+        h_q, h_kv, d = self.n_heads, self.n_kv, self.head_dim
+        t = qkv.shape[0]
+        qkv = qkv.view(t, -1, d)
+        qk = self._rope(qkv[:, :h_q + h_kv], self.cos[:t, None], self.sin[:t, None])  # (T, H + Hkv, D)
+        k = qk[:, h_q:].transpose(0, 1)  # (Hkv, T, D)
+        v = qkv[:, h_q + h_kv:].transpose(0, 1)
+        self.kt_cache[li, slot, :, :, :t] = k.transpose(1, 2)
+        self.v_cache[li, slot, :, :t] = v
+        mask = _window_mask(t, self.windows[li], self.device)
+        a = F.scaled_dot_product_attention(qk[:, :h_q].transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale, enable_gqa=h_q != h_kv)
+        return a[0].transpose(0, 1).reshape(t, h_q * d)  # (T, H*D)
 
     def _mlp(self, h, li, projs, lora_rows, decode):
         gu = self._lora(self._linear(projs["gate_up"], h, decode), h, li, "gate_up", lora_rows)
@@ -320,7 +365,7 @@ class Decoder:
     @torch.no_grad()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], lora_rows) -> torch.Tensor:
         """One new token for each row: token `tokens[i]` at position `positions[i]` of cache row
-        `slots[i]`; lora_rows as in `_lora` (row indices into this batch). Logits (rows, vocab)."""
+        `slots[i]`; lora_rows as in `_lora` (row indices into this batch). Final hidden states (rows, hidden)."""
         n = len(slots)
         n_pad = n if self._all_row_independent() else -(-n // self.row_block) * self.row_block
         ids = torch.tensor(tokens + [tokens[0]] * (n_pad - n), device=self.device)
@@ -335,8 +380,8 @@ class Decoder:
             h = F.rms_norm(x, (x.shape[-1],), w1, e1)
             qkv = self._lora(self._linear(projs["qkv"], h, True), h, li, "qkv", lora_rows).view(n_pad, -1, d)
             qk = self._rope(qkv[:n, :h_q + h_kv], cos, sin)  # (n, H + Hkv, D)
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            kc[slot_t, :, pos] = qk[:, h_q:]
+            kt, vc = self.kt_cache[li], self.v_cache[li]
+            kt[slot_t, :, :, pos] = qk[:, h_q:]
             vc[slot_t, :, pos] = qkv[:n, h_q + h_kv:]
             w = self.windows[li]
             q = (qk[:, :h_q] * self.scale).view(n, h_kv, h_q // h_kv, d)  # (n, Hkv, G, D): query h uses kv head h // G
@@ -344,24 +389,17 @@ class Decoder:
             for i in range(n):  # attention per row, over that row's own length (Note: Batch invariance)
                 s, end = slots[i], positions[i] + 1
                 start = 0 if w is None else max(0, end - w)
-                scores = torch.bmm(q[i], kc[s, :, start:end].transpose(1, 2))  # (Hkv, G, L)
+                scores = torch.bmm(q[i], kt[s, :, :, start:end])  # (Hkv, G, L)
                 torch.bmm(torch.softmax(scores, dim=-1), vc[s, :, start:end], out=out[i])  # (Hkv, G, D)
-            x = x + self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows)
-            x = x + self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True)
-        x = F.rms_norm(x, (x.shape[-1],), *self.norm)
-        logits = self._linear_head(x, decode=True)
-        return logits[:n]
+            x.add_(self._lora(self._linear(projs["o"], attn, True), attn, li, "o", lora_rows))
+            x.add_(self._mlp(F.rms_norm(x, (x.shape[-1],), w2, e2), li, projs, lora_rows, True))
+        return F.rms_norm(x[:n], (x.shape[-1],), *self.norm)
 
-    def _linear_head(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
-        """Logits (N, vocab) in the model's dtype; while decoding from blocks of exactly row_block rows
-        (Note: Batch invariance)."""
-        (w, b), r = self.head, self.row_block
-        n = x.shape[0]
-        x = x.to(w.dtype)
-        if decode and n % r:
-            x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
-        y = F.linear(x, w, b) if x.shape[0] <= r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
-        return y[:n].to(self.dtype)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(h)
+
+    def greedy(self, h: torch.Tensor) -> list[int]:
+        return self.head.greedy(h)
 
     def release(self, slot: int) -> None:
         """Nothing to free: a slot's stale cache entries are overwritten by its next prefill."""
@@ -371,6 +409,97 @@ class Decoder:
         if flag is None:
             flag = self._all_ri = all(p.row_independent for projs in self.layers for p in projs.values())
         return flag
+
+
+class Head:
+    """lm_head while decoding: float32 logits for sampling, argmax tokens for greedy rows.
+
+    logits() computes blocks of exactly row_block rows (Note: Batch invariance). greedy() goes
+    through a float16 screen when it can (a CPU with torch's fbgemm/x86 quantized engine):
+
+    # Note: Exact greedy through a float16 screen
+    At SmolLM2's size lm_head (49,152 x 576, float32: 113 MB) costs ~10 ms of a ~55 ms CPU token at
+    batch 1 and ~40 ms of a batch-8 step (four blocks of two rows), bound by reading its weights.
+    fbgemm's float16 linear (weights stored as float16 and widened in registers, activations and
+    sums in float32) reads half the bytes and serves 1 to 8 rows in one pass, computing each row
+    alike (checked: the same bits for a row alone or among others). Rounding a weight to float16
+    moves it by at most 2^-11 of itself (2^-25 when subnormal), and a float32 sum of K products is
+    off by at most ~K 2^-24 of the sum of their magnitudes, so with ||.|| the Euclidean norm
+        |y_j - y16_j| <= (2^-11 + 2 K 2^-24) ||x|| ||w_j|| + 2^-25 ||x||_1 =: e_j   (Cauchy-Schwarz),
+    and the argmax of y is among the tokens with y16_j + e_j >= max_i (y16_i - e_i): a handful. Those
+    are computed again in float32 from the float32 weights and the best is the token, the float32
+    head's argmax up to the last-bit rounding of float32 dot products (the freedom any two float32
+    matmul kernels have). Ties resolve to the lowest token id, as argmax does. The float16 copy
+    costs half the head's memory; tests/test_engine.py checks the bound and the tokens."""
+
+    def __init__(self, linear: nn.Linear, row_block: int, screen: bool):
+        self.weight, self.bias, self.row_block = linear.weight, linear.bias, row_block
+        self.screen = _fp16_screen(linear.weight) if screen else None
+        self.rows_free = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and \
+            self._rows_independent()
+
+    @torch.no_grad()
+    def _rows_independent(self) -> bool:
+        """Probe the batch-invariant kernel on this head once, as Decoder._probe does the projections."""
+        x = torch.randn(SKINNY_MAX_ROWS, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        full = _dense_rows(x, self.weight, self.bias)
+        return all(torch.equal(_dense_rows(x[i:j], self.weight, self.bias), full[i:j]) for i, j in ((0, 1), (3, 11)))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, vocab) float32 logits: the batch-invariant kernel where it applies, else row blocks of
+        exactly row_block rows."""
+        w, b, r = self.weight, self.bias, self.row_block
+        if self.rows_free:
+            return _dense_rows(x, w, b).float()
+        n = x.shape[0]
+        if n % r:
+            x = torch.cat([x, x.new_zeros(r - n % r, x.shape[1])])
+        y = F.linear(x, w, b) if x.shape[0] == r else torch.cat([F.linear(c, w, b) for c in x.split(r)])
+        return y[:n].float()
+
+    @torch.no_grad()
+    def greedy(self, x: torch.Tensor) -> list[int]:
+        if self.screen is None:
+            return self.logits(x).argmax(dim=-1).tolist()
+        q16, w_norm = self.screen
+        y16 = q16(x)  # (N, vocab), float32 sums of float16 weights
+        if self.bias is not None:
+            y16 = y16 + self.bias
+        k = x.shape[1]
+        scale = x.norm(dim=1, keepdim=True) * (1.01 * (2.0 ** -11 + 2 * k * 2.0 ** -24))  # (N, 1)
+        e = torch.addcmul(x.abs().sum(dim=1, keepdim=True) * (1.01 * 2.0 ** -25), scale, w_norm)  # (N, vocab)
+        floor = (y16 - e).amax(dim=1, keepdim=True)
+        keep = (y16 + e) >= floor  # the argmax of each row's float32 logits is among these
+        out = []
+        for i in range(x.shape[0]):
+            cand = keep[i].nonzero()[:, 0]
+            exact = F.linear(x[i:i + 1], self.weight.index_select(0, cand),
+                             None if self.bias is None else self.bias[cand])
+            out.append(int(cand[exact[0].argmax()]))
+        return out
+
+
+def _fp16_screen(weight: torch.Tensor):
+    """(fbgemm float16 linear over a float16 copy of the weight, ||w_j|| per row), or None where
+    torch has no quantized CPU engine (CUDA, some builds; torch.ao's quantized ops are deprecated
+    as of torch 2.13, and without them the head stays float32) or the weights overflow float16."""
+    weight = weight.detach()
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or \
+            not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines) or \
+            float(weight.abs().max()) > 6e4:
+        return None
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+        from torch.ao.quantization import float16_dynamic_qconfig
+
+        with torch.no_grad():
+            lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            lin.weight = nn.Parameter(weight, requires_grad=False)  # shared, not copied
+            lin.qconfig = float16_dynamic_qconfig
+            return DynamicLinear.from_float(lin), weight.norm(dim=1)  # (vocab,)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
 
 
 def _rope_tables(rotary: nn.Module, max_seq: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:

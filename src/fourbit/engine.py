@@ -71,11 +71,12 @@ class Engine:
     max_seq_len: the KV cache's length, prompt + new tokens (default: the model's context, at most
     2048). device: where to run (the model is moved there). row_block: rows per dense matmul call
     while decoding (see Note: Batch invariance in fourbit.decoder; 2 costs a 1-row batch nothing
-    on MKL). head_dtype: e.g. torch.bfloat16 for a copy of lm_head used for decoding (opt-in; see
-    bench/cpu.py for its cost in logit error and time)."""
+    on MKL). head_screen: greedy tokens through a float16 copy of lm_head and a float32 check of the
+    few candidates it leaves, the float32 argmax (see Note: Exact greedy through a float16 screen in
+    fourbit.decoder)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None, device=None,
-                 row_block: int = 2, head_dtype: torch.dtype | None = None):
+                 row_block: int = 2, head_screen: bool = True):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise UserError(f"max_batch must be a positive integer, got {max_batch!r}")
         if not isinstance(row_block, int) or row_block < 1:
@@ -91,7 +92,7 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.fallback_reason = unsupported_reason(model)
         if self.fallback_reason is None:
-            self._backend = Decoder(model, max_batch, max_seq_len, row_block, head_dtype)
+            self._backend = Decoder(model, max_batch, max_seq_len, row_block, head_screen)
         else:
             self._backend = _TransformersBackend(model)
         self.device = model.get_input_embeddings().weight.device
@@ -219,18 +220,22 @@ class Engine:
         """Prefill waiting requests into free rows, then one batched decode of the rows running before."""
         rows = list(self._running.values())
         events = []
+        admitted = []
         while self._waiting and self._free:
             req = self._waiting.popleft()
             req.slot = self._free.pop()
             self._running[req.id] = req
-            logits = self._backend.prefill(req.slot, req.prompt, req.lora)
-            req.length = len(req.prompt)
-            events.append(self._advance(req, self._pick([req], logits[None])[0]))
+            admitted.append(req)
+        if admitted:
+            hidden = self._backend.prefill([(r.slot, r.prompt, r.lora) for r in admitted])
+            for req, tok in zip(admitted, self._pick(admitted, hidden)):
+                req.length = len(req.prompt)
+                events.append(self._advance(req, tok))
         if rows:
             lora_rows = self._lora_rows(rows)
-            logits = self._backend.decode([r.slot for r in rows], [r.last for r in rows], [r.length for r in rows],
+            hidden = self._backend.decode([r.slot for r in rows], [r.last for r in rows], [r.length for r in rows],
                                           lora_rows)
-            for req, tok in zip(rows, self._pick(rows, logits)):
+            for req, tok in zip(rows, self._pick(rows, hidden)):
                 req.length += 1
                 events.append(self._advance(req, tok))
         return events
@@ -244,13 +249,19 @@ class Engine:
         return [(w, None if len(idx) == len(rows) else torch.tensor(idx, device=self.device))
                 for w, idx in by_adapter.values()]
 
-    def _pick(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
-        """The next token of each row: argmax, or a draw from the row's own generator."""
-        greedy = logits.argmax(dim=-1).tolist()
-        for i, r in enumerate(rows):
-            if r.temperature > 0:
-                greedy[i] = _sample(logits[i], r.temperature, r.top_p, r.generator)
-        return greedy
+    def _pick(self, rows: list[_Request], hidden: torch.Tensor) -> list[int]:
+        """The next token of each row: the argmax, or a draw from the row's own generator."""
+        greedy = [i for i, r in enumerate(rows) if r.temperature == 0]
+        sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+        out = [0] * len(rows)
+        if greedy:
+            for i, tok in zip(greedy, self._backend.greedy(hidden[greedy] if sampled else hidden)):
+                out[i] = tok
+        if sampled:
+            logits = self._backend.logits(hidden[sampled])
+            for j, i in enumerate(sampled):
+                out[i] = _sample(logits[j], rows[i].temperature, rows[i].top_p, rows[i].generator)
+        return out
 
     def _advance(self, req: _Request, tok: int) -> TokenEvent:
         req.tokens.append(tok)
@@ -296,17 +307,19 @@ class Engine:
 
 def generate_texts(model, tokenizer, texts: list[str], *, adapter: str | None = None, max_new_tokens: int = 256,
                    batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   stop_token_ids: list[int] | None = None) -> list[str]:
+                   stop_token_ids: list[int] | None = None, engine: Engine | None = None) -> list[str]:
     """Answers (new text only) to model inputs that are already rendered (chat template applied),
     generated by an Engine batch_size rows at a time: the batched path for generate / eval / judge.
     Greedy answers equal batch-1 answers token for token. A model carrying a LoRA adapter
-    (fourbit.nn.load_adapter) answers with it unless another registered `adapter` is named."""
+    (fourbit.nn.load_adapter) answers with it unless another registered `adapter` is named. Pass
+    `engine` (built once on `model`) to reuse it across calls instead of building one per call."""
     if not texts:
         return []
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    limit = getattr(model.config, "max_position_embeddings", None) or (max(map(len, prompts)) + max_new_tokens)
-    engine = Engine(model, tokenizer, max_batch=min(batch_size, len(texts)),
-                    max_seq_len=min(limit, max(map(len, prompts)) + max_new_tokens))
+    if engine is None:
+        limit = getattr(model.config, "max_position_embeddings", None) or (max(map(len, prompts)) + max_new_tokens)
+        engine = Engine(model, tokenizer, max_batch=min(batch_size, len(texts)),
+                        max_seq_len=min(limit, max(map(len, prompts)) + max_new_tokens))
     if adapter is None and IN_MODEL_ADAPTER in engine.adapter_names:
         adapter = IN_MODEL_ADAPTER
     outs = engine.generate(prompts, adapters=adapter, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -381,10 +394,13 @@ class _TransformersBackend:
         self.caches: dict[int, object] = {}
 
     @torch.no_grad()
-    def prefill(self, slot: int, ids: list[int], lora) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
-        self.caches[slot] = out.past_key_values
-        return out.logits[0, -1]
+    def prefill(self, items) -> torch.Tensor:
+        logits = []
+        for slot, ids, _ in items:
+            out = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=True)
+            self.caches[slot] = out.past_key_values
+            logits.append(out.logits[0, -1])
+        return torch.stack(logits)
 
     @torch.no_grad()
     def decode(self, slots, tokens, positions, lora_rows) -> torch.Tensor:
@@ -398,3 +414,10 @@ class _TransformersBackend:
 
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
+
+    # its "hidden states" are the logits already
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float()
+
+    def greedy(self, h: torch.Tensor) -> list[int]:
+        return h.argmax(dim=-1).tolist()
