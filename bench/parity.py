@@ -128,7 +128,8 @@ def split_oasst(rows: list[dict], held_out: float, seed: int = 0) -> tuple[list[
     convs = sorted({_first_turn(r["input"]) for r in rows})
     random.Random(seed).shuffle(convs)
     held = set(convs[: round(held_out * len(convs))])
-    return [r for r in rows if _first_turn(r["input"]) not in held], [r for r in rows if _first_turn(r["input"]) in held]
+    inside = [_first_turn(r["input"]) in held for r in rows]
+    return [r for r, h in zip(rows, inside) if not h], [r for r, h in zip(rows, inside) if h]
 
 
 def split_rows(rows: list, held_out: float, seed: int = 0) -> tuple[list, list]:
@@ -233,7 +234,9 @@ def run_fourbit(row: str, s: Settings, seed: int, data_file: str, out: Path) -> 
     from fourbit.train import train
 
     result = train(train_config(row, s, seed, data_file, out))
-    return {"train_loss": result.final_loss, "steps": result.steps}
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"train_loss": result.final_loss, "steps": result.steps, "tokens": last["tokens"],
+            "loop_seconds": round(last["tokens"] / last["tokens_per_s"], 1)}  # the optimizer steps alone
 
 
 def run_trainer(row: str, s: Settings, seed: int, data_file: str, out: Path):
@@ -295,9 +298,10 @@ def run_trainer(row: str, s: Settings, seed: int, data_file: str, out: Path):
                              save_strategy="no", use_cpu=not cuda, bf16=cuda, remove_unused_columns=False,
                              dataloader_num_workers=0, seed=seed, data_seed=seed, disable_tqdm=True)
     trainer = Ordered(model=model, args=args, train_dataset=data.train)
-    trainer.train()
+    metrics = trainer.train().metrics
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    info = {"train_loss": losses[-1] if losses else None, "steps": trainer.state.global_step}
+    info = {"train_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
+            "loop_seconds": round(metrics["train_runtime"], 1)}
     if how["lora"]:
         model.save_pretrained(out)  # PEFT's adapter files; scored on fourbit's base like every row
         return info, None
@@ -423,6 +427,16 @@ def verdict(a: list[float], b: list[float], what: str) -> str:
     return f"{what}: {d:+.4f} nats/token, {'WORSE' if d > 0 else 'better'} beyond seed noise (2 SE = {2 * se:.4f})"
 
 
+def _relation(a: list[float], b: list[float]) -> str:
+    """How held-out loss a stands to b, in words (lower loss is better)."""
+    d, se = compare(a, b)
+    if se is None:
+        return f"differs by {d:+.4f} nats/token (one seed: noise unknown) from"
+    if abs(d) <= 2 * se:
+        return f"matches (within seed noise, {d:+.4f} nats/token)"
+    return f"is {'worse' if d > 0 else 'better'} by {abs(d):.4f} nats/token (beyond 2 SE = {2 * se:.4f}) than"
+
+
 def report(results: list[dict], key: str | None = None) -> str:
     """One table per data set (rows in ROWS order) and the conclusions, for the settings `key`
     (default: the settings of the newest line)."""
@@ -443,7 +457,8 @@ def report(results: list[dict], key: str | None = None) -> str:
                 "WikiText-2 ppl after | seeds | s/run |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row, rs in by_row.items():
             before = [r["before"] for r in rs if "before" in r]
-            out.append(f"| {ROWS[row][0]} | {_ms([b['loss'] for b in before], 4)} | {_ms([r['after']['loss'] for r in rs], 4)} "
+            out.append(f"| {ROWS[row][0]} | {_ms([b['loss'] for b in before], 4)} "
+                       f"| {_ms([r['after']['loss'] for r in rs], 4)} "
                        f"| {_ms([b['ppl'] for b in before], 2)} | {_ms([r['after']['ppl'] for r in rs], 2)} "
                        f"| {_ms([b['wikitext_ppl'] for b in before], 2)} "
                        f"| {_ms([r['after']['wikitext_ppl'] for r in rs], 2)} | {len(rs)} "
@@ -464,6 +479,16 @@ def conclusions(by_row: dict) -> list[str]:
              ("fp4", "nf4dq", "FP4 vs NF4 + DQ"), ("nf4", "nf4dq", "NF4 vs NF4 + DQ"),
              ("loftq", "nf4dq", "LoftQ init vs NF4 + DQ, after training"),
              ("loftq", "lora16", "LoftQ init vs 16-bit LoRA, after training")]
+    head = []
+    if after.get("nf4dq") and after.get("lora16"):
+        head.append(f"QLoRA NF4 + DQ {_relation(after['nf4dq'], after['lora16'])} 16-bit LoRA after training")
+    if after.get("nf4dq") and after.get("peft"):
+        agree = _relation(after["nf4dq"], after["peft"])
+        head.append(f"fourbit's NF4 + DQ run {agree} PEFT + bitsandbytes' same run" +
+                    ("" if agree.startswith(("matches", "differs")) else ": a difference beyond seed noise is a bug "
+                                                                         "to find"))
+    if head:
+        lines.append("**Conclusion: " + "; ".join(head) + ".**")
     for a, b, what in pairs:
         if after.get(a) and after.get(b):
             lines.append(f"- {verdict(after[a], after[b], what)}")
@@ -476,8 +501,8 @@ def conclusions(by_row: dict) -> list[str]:
         b = [r["before"]["wikitext_ppl"] for r in rs if "before" in r]
         a = [r["after"]["wikitext_ppl"] for r in rs]
         if b:
-            lines.append(f"- {ROWS[row][0]}: WikiText-2 perplexity {statistics.mean(b):.2f} -> {statistics.mean(a):.2f} "
-                         f"({statistics.mean(a) / statistics.mean(b) - 1:+.1%}) after fine-tuning")
+            lines.append(f"- {ROWS[row][0]}: WikiText-2 perplexity {statistics.mean(b):.2f} -> "
+                         f"{statistics.mean(a):.2f} ({statistics.mean(a) / statistics.mean(b) - 1:+.1%}) after fine-tuning")
     return lines
 
 

@@ -48,6 +48,16 @@ def test_factors_are_the_truncated_svd_scaled_by_one_over_s(r, scaling):
         assert not a[64:].any() and not b[:, 64:].any()
 
 
+def test_factors_of_rank_deficient_and_zero_residuals_are_finite():
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(50, 3, generator=g) @ torch.randn(3, 40, generator=g)  # rank 3
+    a, b = low_rank_factors(low, 8, 0.5)
+    torch.testing.assert_close(0.5 * (b @ a), low, rtol=0, atol=1e-5)
+    assert not a[3:].any() and not b[:, 3:].any()  # no made-up directions past the rank
+    a, b = low_rank_factors(torch.zeros(10, 12), 4, 0.25)  # a weight NF4 represents exactly
+    assert not a.any() and not b.any()
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_one_iteration_keeps_the_ordinary_base_and_more_iterations_lower_the_error(quant_type):
     w = _weight(128, 128, seed=1)
@@ -110,6 +120,19 @@ def _weights(fp):
     from fourbit.nn import find_linear_names
 
     return {n: fp.get_submodule(n).weight.detach() for n in find_linear_names(fp)}
+
+
+def test_a_weight_4bit_represents_exactly_keeps_a_trainable_default_adapter(tmp_path):
+    from fourbit.nn.loftq import init_loftq
+
+    _, q = _fp_and_4bit(tmp_path)
+    add_lora(q, r=4, alpha=8, verbose=False)
+    m = lora_modules(q)["model.layers.0.self_attn.q_proj"]
+    default_a = m.lora_A.weight.detach().clone()
+    init_loftq(m, m.base_layer.dequantize(torch.float32))  # residual 0: nothing to correct
+    assert torch.equal(m.lora_A.weight, default_a) and not m.lora_B.weight.any()
+    m(torch.randn(3, 64)).sum().backward()
+    assert m.lora_B.weight.grad.any()  # B = 0 with the default A: training can start
 
 
 def test_loftq_errors_are_for_people(tmp_path):
