@@ -40,7 +40,7 @@ def interpreted() -> dict:
 
 @requires_triton
 @pytest.mark.slow
-@pytest.mark.parametrize("part", ["dequant", "quant", "gemv", "cache"])
+@pytest.mark.parametrize("part", ["dequant", "quant", "gemv", "gemv_split", "cache"])
 def test_kernel_under_the_interpreter(interpreted, part):
     res = interpreted.get(part)
     assert res is not None, f"part {part} did not run; got {sorted(interpreted)}"
@@ -84,6 +84,13 @@ def _specs():
                                         K="i32", **scale),
            dict(BLOCKSIZE=64, NESTED_BS=256, DQ=True, OUT=1, BLOCK_N=8, GROUPS=8, INTERP=False), 4,
            dict(enable_fp_fusion=True), ["ld.global.b64"])
+    split = dict(x_ptr="*bf16", packed_ptr="*u8", pairs_ptr="*i64", y_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32",
+                 N="i32", K="i32", **scale)
+    for block_n, groups, split_k in ((4, 8, 4), (8, 16, 1), (2, 16, 8)):  # the default and the sweep's corners
+        yield (f"gemv split {block_n}/{groups}/{split_k}", T._gemv_split_kernel, split,
+               dict(BLOCKSIZE=64, NESTED_BS=256, DQ=True, OUT=1, BLOCK_N=block_n, GROUPS=groups, SPLIT_K=split_k,
+                    INTERP=False), 4, dict(enable_fp_fusion=True),
+               ["ld.global.b64"] + (["atom.global.gpu.acq_rel.add", "ld.global.cg"] if split_k > 1 else []))
 
 
 @requires_triton

@@ -151,3 +151,79 @@ def test_closure_and_zero_grad():
 
     assert opt.step(closure).item() == 5.0
     assert p.abs().sum() < 3.0
+
+
+# -- paged states: prefetch only after memory pressure (fourbit.optim.paged, Note: Prefetch only after pressure)
+class _FakeDevice:
+    """What EvictionWatch reads from a GPU: free bytes and the allocator's cumulative released bytes."""
+
+    def __init__(self):
+        self.free, self.released = 10 * 2**30, 0
+
+
+def test_eviction_watch_sees_pressure_only_when_it_happened():
+    from fourbit.optim.paged import FREE_MARGIN, EvictionWatch
+
+    dev = _FakeDevice()
+    watch = EvictionWatch(torch.device("cuda"), free_bytes=lambda: dev.free, released_bytes=lambda: dev.released)
+    assert watch.may_have_evicted()  # never looked: prefetch once
+    assert not watch.may_have_evicted()  # nothing happened since
+    dev.released += 2**30  # the allocator gave memory back (empty_cache, or a retry after a failed cudaMalloc)
+    assert watch.may_have_evicted() and not watch.may_have_evicted()
+    dev.free = FREE_MARGIN - 1  # the GPU is full now: pages may be going out
+    assert watch.may_have_evicted() and watch.may_have_evicted()
+    dev.free = FREE_MARGIN
+    assert not watch.may_have_evicted()
+
+
+class _PagedOnCpu(PagedAdamW):
+    """PagedAdamW whose states count as paged on a CPU (plain tensors), with a fake device to watch."""
+
+    device = None
+
+    def _is_paged(self, p):
+        return True
+
+    def _empty(self, p, numel, dtype):
+        return torch.zeros(numel, dtype=dtype, device=p.device)
+
+    def _eviction_watch(self, device):
+        from fourbit.optim.paged import EvictionWatch
+
+        return EvictionWatch(device, free_bytes=lambda: self.device.free, released_bytes=lambda: self.device.released)
+
+
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_paged_states_are_prefetched_only_after_pressure(monkeypatch, mode):
+    from fourbit.optim import paged
+
+    calls = []
+    monkeypatch.setattr(paged, "prefetch", lambda t, device=None: calls.append(t.numel()))
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 33)), torch.nn.Parameter(torch.randn(7))]
+    opt = _PagedOnCpu(params, lr=1e-2, prefetch=mode)
+    opt.device = _FakeDevice()
+    per_step = []
+    for step in range(4):
+        if step == 2:
+            opt.device.released += 2**20  # pressure between steps 1 and 2
+        for p in params:
+            p.grad = torch.ones_like(p)
+        calls.clear()
+        opt.step()
+        per_step.append(len(calls))
+    states = 2 * len(params)  # exp_avg, exp_avg_sq of each parameter
+    assert per_step == ([states] * 4 if mode == "always" else [states, 0, states, 0])
+    ref, _ = _run(torch.optim.AdamW, steps=0)  # the same trajectory as torch's AdamW whatever was prefetched
+    ropt = torch.optim.AdamW(ref, lr=1e-2)
+    for _ in range(4):
+        for p in ref:
+            p.grad = torch.ones_like(p)
+        ropt.step()
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_prefetch_mode_is_checked():
+    with pytest.raises(ValueError, match="prefetch must be one of auto, always, got 'never'"):
+        PagedAdamW([torch.nn.Parameter(torch.zeros(3))], prefetch="never")

@@ -4,13 +4,14 @@ a subprocess (the variable must be set before triton is imported):
 
     TRITON_INTERPRET=1 python tests/triton_interpret_check.py [part ...]
 
-Parts: dequant, quant, gemv, cache. Prints one JSON line per part:
+Parts: dequant, quant, gemv, gemv_split, cache. Prints one JSON line per part:
 {"part": ..., "cases": N, "failures": [first few failing cases]} and exits 1 if any failed.
 
 Tolerances: dequantization and quantization must be bit-identical (torch.equal, which also
 compares the sign of zero and NaN positions). gemv: ||y - ref|| / ||ref|| against a float64
 product of the dequantized weight, below 1e-5 for float32 output (float32 accumulation in
-another order) and below half an ulp of the output dtype plus that (bf16 4e-3, fp16 5e-4).
+another order) and below half an ulp of the output dtype plus that (bf16 4e-3, fp16 5e-4); the
+split-K gemv to the same tolerance, and bit-identical from one call to the next.
 """
 
 import itertools
@@ -136,6 +137,41 @@ def check_gemv(gen):
     return cases, fails, worst
 
 
+def check_gemv_split(gen):
+    """gemv_4bit_split against float64 (the gemv tolerance) over tile sizes and splits, K split
+    unevenly and into more programs than it has tiles; a second call gives the same bits (fixed
+    summation order) and leaves every arrival counter at 0 for the next call."""
+    fails, cases, worst = [], 0, {}
+    kind_cycle = itertools.cycle(itertools.product(("nf4", "fp4"), (True, False)))
+    dt_cycle = itertools.cycle(DTYPES)
+    tiles = [(4, 8, 4), (8, 2, 3), (2, 1, 5), (16, 4, 1), (4, 4, 2), (1, 2, 8)]  # block_n, groups, split_k
+    shapes = [(33, 320, 64), (8, 256, 128), (20, 192, 64), (5, 512, 128), (3, 64, 64)]
+    for (rows, cols, bs), (block_n, groups, split_k) in itertools.product(shapes, tiles):
+        qt, dq = next(kind_cycle)
+        dt = next(dt_cycle)
+        w = torch.randn(rows, cols, generator=gen)
+        q, s = quantize_4bit(w, qt, bs, dq)
+        x = torch.randn(cols, generator=gen).to(dt)
+        ref = _dequant4_reference(q, dequantize_absmax(s), s.code, rows * cols, bs, torch.float64).view(rows, cols) \
+            @ x.double()
+        y = T.gemv_4bit_split(x.view(1, 1, cols), q, s, block_n=block_n, groups=groups, split_k=split_k)
+        again = T.gemv_4bit_split(x.view(1, 1, cols), q, s, block_n=block_n, groups=groups, split_k=split_k)
+        cases += 1
+        err = ((y.double().view(-1) - ref).norm() / ref.norm()).item()
+        worst[str(dt)] = max(worst.get(str(dt), 0.0), err)
+        counts = T._COUNTS.get(torch.device("cpu"))
+        if y.shape != (1, 1, rows) or y.dtype != dt or not err < GEMV_TOL[dt] or not torch.equal(y, again) \
+                or (counts is not None and counts.any()):
+            fails.append(dict(shape=[rows, cols], bs=bs, qt=qt, dq=dq, dtype=str(dt), tile=[block_n, groups, split_k],
+                              err=err, same_twice=bool(torch.equal(y, again)),
+                              counts_left=None if counts is None else int(counts.count_nonzero())))
+    q, s = quantize_4bit(torch.randn(8, 100, generator=gen))
+    cases += 1
+    if T.gemv_4bit_split(torch.randn(100), q, s) is not None:
+        fails.append(dict(case="K not a multiple of the blocksize returns None"))
+    return cases, fails, worst
+
+
 def check_cache(gen):
     """The pair table follows its code book: shared between equal books, rebuilt after an in-place edit."""
     from fourbit.quant.codebook import get_code
@@ -160,7 +196,8 @@ def check_cache(gen):
     return 4, fails
 
 
-PARTS = {"dequant": check_dequant, "quant": check_quant, "gemv": check_gemv, "cache": check_cache}
+PARTS = {"dequant": check_dequant, "quant": check_quant, "gemv": check_gemv, "gemv_split": check_gemv_split,
+         "cache": check_cache}
 
 
 def main(argv):

@@ -9,8 +9,11 @@ norms, biases) in the compute dtype, the LoRA parameters and their gradients (fp
 `adapter_dtype`), the optimizer states (AdamW 32-bit: 8 bytes/parameter; 8-bit: 2 bytes + a
 float32 scale per 256), fourbit's one shared dequantization buffer (the largest linear weight in
 the compute dtype, see Note: Shared dequantization buffer in fourbit.nn.linear4bit) and, on a GPU,
-the CUDA context as a stated constant. Gradients are counted as held: with gradient accumulation
-(the paper: batch 1 x 16) they live from the first micro-batch to the optimizer step.
+the CUDA context as a stated constant. With gradient accumulation (`grad_accum` > 1, the paper's
+batch 1 x 16 and fourbit train's default) the LoRA gradients are held: they live from the first
+micro-batch to the optimizer step. Without it they are not: backward creates them while it frees
+the activations, and the trace (which runs the step with them absent) counts them where they are
+alive, as a part of the phase that sets the peak.
 
 **What a step needs on top** is simulated, not guessed (fourbit.memory.trace), at 2 and 3 layers
 and extrapolated to L; beyond ~8k tokens per micro-batch, linearly in the batch or the length.
@@ -133,6 +136,8 @@ class Plan:
                                                                 "smollm2-135m, or llama-7b/-13b/-33b/-65b"})
     seq: int = field(default=512, metadata={"help": "sequence length in tokens"})
     batch: int = option(TrainConfig, "batch_size")
+    grad_accum: int = option(TrainConfig, "grad_accum", help="micro-batches per optimizer step (above 1 the "
+                                                              "LoRA gradients are held from one step to the next)")
     r: int = option(TrainConfig, "r")
     alpha: float = option(TrainConfig, "alpha")
     target: str = option(TrainConfig, "target")
@@ -154,7 +159,8 @@ class Plan:
     gpu: str | None = field(default=None, metadata={"help": "memory to fit in, e.g. 24GB, 48GiB, 80G, 24000MB"})
 
     def validate(self) -> list[str]:
-        p = [f"--{k} must be >= 1, got {getattr(self, k)}" for k in ("seq", "batch", "r") if getattr(self, k) < 1]
+        p = [f"--{k} must be >= 1, got {getattr(self, k)}" for k in ("seq", "batch", "grad_accum", "r")
+             if getattr(self, k) < 1]
         p += choice_problems(self.optim, OPTIMIZERS, "--optim")
         p += choice_problems(self.quant, QUANT_CHOICES, "--quant")
         p += choice_problems(self.dtype, (*DTYPES, "auto"), "--dtype")
@@ -230,7 +236,8 @@ def held_parts(plan: Plan, config) -> tuple[dict[str, int], dict]:
         parts[WEIGHTS_4BIT] = dq(plan.double_quant)
     parts[OTHER_WEIGHTS] = other * esize
     parts[LORA_PARAMETERS] = 4 * lora
-    parts[LORA_GRADIENTS] = 4 * lora
+    if plan.grad_accum > 1:  # held between micro-batches; with one, the step creates and frees them
+        parts[LORA_GRADIENTS] = 4 * lora
     parts[OPTIMIZER_STATES] = sum(_optimizer_state_bytes(plan.optim, a * b) for a, b in lora_shapes)
     if plan.quant_type is not None:
         parts[DEQUANT_BUFFER] = max(m.in_features * m.out_features for m in quantized) * esize
@@ -251,12 +258,15 @@ _PHASE_PART = {"forward": FORWARD_TEMPS, "loss": LOSS_TEMPS, "backward": BACKWAR
 
 
 def _step_parts(plan: Plan, phases: dict) -> tuple[str, dict[str, int]]:
-    """(the phase that sets the peak, its parts), summing to that phase's bytes."""
-    worst = max(("forward", "loss", "backward", "optimizer step"), key=lambda k: phases[k])
-    if worst == "optimizer step":
-        return worst, {_PHASE_PART[worst]: phases[worst]}
-    act = min(phases["activations"], phases[worst])
-    return worst, {ACTIVATIONS: act, _PHASE_PART[worst]: phases[worst] - act}
+    """(the phase that sets the peak, its parts), summing to that phase's bytes: the activations
+    still kept at that moment (forward: those it ends with), the gradients the step created (no
+    accumulation: they are not held) and the rest, the phase's own temporaries."""
+    worst = max(_PHASE_PART, key=lambda k: phases[k])
+    grads = phases[worst + " grads"]
+    act = min(phases["activations"], phases[worst]) if worst == "forward" else phases[worst + " activations"]
+    parts = {ACTIVATIONS: act} if act else {}
+    parts |= {LORA_GRADIENTS: grads} if grads else {}
+    return worst, {**parts, _PHASE_PART[worst]: phases[worst] - grads - act}
 
 
 _AFFINE_FROM = 4096  # tokens per micro-batch above which Predictor.phases extrapolates linearly
@@ -280,7 +290,8 @@ class Predictor:
         def sim(b: int, t: int) -> dict[str, int]:
             ph = extrapolate(self.sims, self.config.num_hidden_layers, b, t, self.plan.loss_chunk)
             if self.plan.optim == "paged_adamw":  # fourbit's 32-bit update runs in chunks: see below
-                ph["optimizer step"] = min(ph["optimizer step"], self._chunked_step_bytes(b, t))
+                grads = ph["optimizer step grads"]
+                ph["optimizer step"] = grads + min(ph["optimizer step"] - grads, self._chunked_step_bytes(b, t))
             return ph
 
         def line(p0: dict, p1: dict, x0: int, x: int) -> dict[str, int]:  # p1 is at 2 * x0
@@ -303,13 +314,14 @@ class Predictor:
 
         _, s0 = self.sims[0]
         n0 = sum(p.numel() for p in s0.params)
-        per = s0.phases(batch, seq, self.plan.loss_chunk)["optimizer step"] / max(n0, 1)
+        ph = s0.phases(batch, seq, self.plan.loss_chunk)
+        per = (ph["optimizer step"] - ph["optimizer step grads"]) / max(n0, 1)
         biggest = max((p.numel() for p in s0.params), default=0)
         return round(per * min(self.facts["lora_parameters"], _FOREACH_ELEMENTS + biggest))
 
     def total(self, batch: int, seq: int) -> int:
         p = self.phases(batch, seq)
-        return sum(self.held.values()) + max(p[k] for k in ("forward", "loss", "backward", "optimizer step"))
+        return sum(self.held.values()) + max(p[k] for k in _PHASE_PART)
 
     def predict(self, batch: int | None = None, seq: int | None = None) -> dict:
         plan = self.plan
@@ -324,7 +336,7 @@ class Predictor:
                "settings": asdict(plan) | {"compute_dtype": dtype_flag(plan.compute_dtype), "batch": batch,
                                            "seq": seq},
                "peak_phase": worst, "held_bytes": held,
-               "phases": {k: held + v for k, v in phases.items() if k != "activations"},
+               "phases": {k: held + phases[k] for k in _PHASE_PART},
                "activations_bytes": {("with" if plan.checkpointing else "without") + "_checkpointing":
                                      phases["activations"],
                                      ("without" if plan.checkpointing else "with") + "_checkpointing":
@@ -354,6 +366,12 @@ def predicted_step_growth(result: dict) -> int:
     the model is loaded with its adapters (weights, LoRA parameters, CUDA context). This is what
     `measure_step` measures."""
     return result["total_bytes"] - sum(result["parts"].get(k, 0) for k in LOADED_PARTS)
+
+
+def predicted_allocated(result: dict) -> int:
+    """The part of a prediction that torch.cuda.max_memory_allocated plus the paged optimizer
+    states measure: the total minus the CUDA context, which lives outside torch's allocator."""
+    return result["total_bytes"] - result["parts"].get(CUDA_RUNTIME, 0)
 
 
 def _largest(cost, budget: int, first: int = 1, limit: int = 1 << 20) -> int:

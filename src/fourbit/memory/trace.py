@@ -35,10 +35,33 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
+        self.grads = self.peak_grads = 0  # bytes of gradients created under it: now, and at the peak
+        self.kept = self.peak_kept = 0  # bytes of the storages alive at keep_alive_ones() still alive
+        self._kept: set[int] = set()
         self._alive: dict[int, int] = {}
 
     def _free(self, key: int) -> None:
-        self.live -= self._alive.pop(key, 0)
+        nbytes = self._alive.pop(key, 0)
+        self.live -= nbytes
+        if key in self._kept:
+            self._kept.discard(key)
+            self.kept -= nbytes
+
+    def keep_alive_ones(self) -> None:
+        """Follow the storages alive now (the activations autograd keeps, at the end of forward):
+        `peak_kept` says how many of their bytes were still alive at the peak."""
+        self._kept = set(self._alive)
+        self.kept = self.peak_kept = self.live
+
+    def _new_peak(self) -> None:
+        self.peak, self.peak_grads, self.peak_kept = self.live, self.grads, self.kept
+
+    def add_gradient(self, grad: torch.Tensor) -> None:
+        """A parameter's .grad came into being (it is already counted in `live`): remember its
+        bytes, so that a phase's peak can say how much of it was gradients."""
+        self.grads += grad.untyped_storage().nbytes()
+        if self.live >= self.peak:
+            self._new_peak()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_leaves
@@ -54,7 +77,8 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
                 continue
             self._alive[key] = s.nbytes()
             self.live += s.nbytes()
-            self.peak = max(self.peak, self.live)
+            if self.live > self.peak:
+                self._new_peak()
             weakref.finalize(s, self._free, key)
         return out
 
@@ -75,17 +99,70 @@ def _fused_attention(orig):
     return sdpa
 
 
+class _KeptWeights:
+    """The dequantized weights fourbit.nn keeps on a CPU from a checkpoint recomputation for the
+    backward that follows (fourbit.nn.linear4bit, Note: Weights kept across checkpoint
+    recomputation), mirrored on the meta device: a dequantization inside a backward pass and inside
+    a 4-bit layer's forward (a recomputation) makes a fresh W, which the backward of the same
+    weight takes; whatever is left is dropped when backward ends (`clear`). Elsewhere, and on
+    CUDA, W is a view of the shared buffer."""
+
+    def __init__(self, plan, model, scratch: torch.Tensor):
+        from fourbit.nn import Linear4bit, LoraLinear
+
+        self.scratch, self.on = scratch, plan.device == "cpu"
+        self.kept: dict[tuple[int, torch.dtype], list] = {}  # (id of the codes, dtype) -> [W, uses left]
+        self.forwards = 0  # 4-bit layer forwards running now
+        self.hooks = []
+        if self.on:
+            for m in model.modules():
+                if isinstance(m, (Linear4bit, LoraLinear)):
+                    self.hooks.append(m.register_forward_pre_hook(self._enter))
+                    self.hooks.append(m.register_forward_hook(self._leave, always_call=True))  # early-stopped recomputation raises
+
+    def _enter(self, *_):
+        self.forwards += 1
+
+    def _leave(self, *_):
+        self.forwards -= 1
+
+    def dequantize(self, packed, state, dtype):
+        if not self.on or torch._C._current_graph_task_id() == -1:
+            return self.scratch[: state.numel * dtype.itemsize].view(dtype).view(state.shape)
+        key = (id(packed), dtype)
+        hit = self.kept.get(key)
+        if self.forwards:  # a recomputation: a fresh W, kept
+            if hit is None:
+                hit = self.kept[key] = [torch.empty(state.shape, dtype=dtype, device="meta"), 0]
+            hit[1] += 1
+            return hit[0]
+        if hit is None:
+            return self.scratch[: state.numel * dtype.itemsize].view(dtype).view(state.shape)
+        hit[1] -= 1
+        if hit[1] == 0:
+            del self.kept[key]
+        return hit[0]
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 @contextlib.contextmanager
-def _meta_kernels(plan, scratch: torch.Tensor):
+def _meta_kernels(plan, scratch: torch.Tensor, model):
     """What makes a meta-device step allocate what the real kernels allocate: fourbit.nn's
-    dequantization hook, and patches of torch/transformers functions that have no such hook."""
+    dequantization hook (a view of the shared buffer, counted in the held parts, or a weight kept
+    across recomputation: see _KeptWeights), and patches of torch/transformers functions that
+    have no such hook. Yields the _KeptWeights, to be cleared when backward ends."""
     import transformers.masking_utils as mu
     from torch.nn import functional as F
 
     from fourbit.nn import dequantize_hook
 
-    def dequantize_weight(packed, state, dtype):  # a view of the shared buffer, counted in the held parts
-        return scratch[: state.numel * dtype.itemsize].view(dtype).view(state.shape)
+    weights = _KeptWeights(plan, model, scratch)
 
     ce = F.cross_entropy
 
@@ -106,9 +183,10 @@ def _meta_kernels(plan, scratch: torch.Tensor):
     try:
         for obj, name, new in patches:
             setattr(obj, name, new)
-        with dequantize_hook(dequantize_weight):
-            yield
+        with dequantize_hook(weights.dequantize):
+            yield weights
     finally:
+        weights.remove()
         for obj, name, old in saved:
             setattr(obj, name, old)
 
@@ -142,6 +220,8 @@ def _meta_training_model(plan, config, n_layers: int):
     opt = build_optimizer(plan.optim, params, lr=1e-4)
     with torch.no_grad():
         opt.step()  # creates the states: held, not part of the step
+    if plan.grad_accum == 1:  # no accumulation: a step starts without gradients (zero_grad(set_to_none))
+        opt.zero_grad(set_to_none=True)
     return model, params, opt
 
 
@@ -161,41 +241,60 @@ class Simulator:
         lin = [m for m in self.model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
         n = max((m.in_features * m.out_features for m in lin), default=0)
         self.scratch = torch.empty(n * plan.compute_dtype.itemsize, dtype=torch.uint8, device="meta")
+        self._tracker: _LiveBytes | None = None  # the step being simulated
+        self._new_grads: set[int] = set()  # parameters whose .grad this step created
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_gradient)
+
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if self._tracker is not None and id(p) in self._new_grads:
+            self._new_grads.discard(id(p))
+            self._tracker.add_gradient(p.grad)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019  (a few simulators per process, each short-lived)
     def phases(self, batch: int, seq: int, loss_chunk: int) -> dict[str, int]:
-        """Bytes live over the held parts at each phase's worst moment, and the activations kept."""
+        """Bytes live over the held parts at each phase's worst moment ("forward", "loss", "backward",
+        "optimizer step"); of them, the gradients this step created ("backward grads", ...: none when
+        gradients are held) and the activations still kept ("loss activations", ...: those alive at
+        the end of forward); and the activations kept at the end of forward ("activations")."""
         from fourbit.loss import causal_lm_loss
 
         ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
         labels = synthetic_labels(batch, seq, self.plan.label_fraction)
         marks: dict[str, int] = {}
         tracker = _LiveBytes()
+        self._tracker, self._new_grads = tracker, {id(p) for p in self.params if p.grad is None}
 
         def mark(name: str) -> None:
-            marks[name] = tracker.peak
-            tracker.peak = tracker.live
+            marks[name], marks[name + " grads"] = tracker.peak, tracker.peak_grads
+            marks[name + " activations"] = tracker.peak_kept
+            tracker._new_peak()
 
         def at_decoder_output(module, args, out):
             mark("forward")
             marks["activations"] = tracker.live  # what autograd keeps (+ the final hidden states)
+            tracker.keep_alive_ones()
             hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
             if hidden.requires_grad:
                 hidden.register_hook(lambda g: mark("loss"))  # fires when the loss's backward is done
 
         hook = self.model.get_decoder().register_forward_hook(at_decoder_output)
         try:
-            with _meta_kernels(self.plan, self.scratch), tracker:
+            with _meta_kernels(self.plan, self.scratch, self.model) as weights, tracker:
                 loss, _ = causal_lm_loss(self.model, ids, labels, chunk=loss_chunk or None)
                 loss.backward()
+                weights.clear()
                 del loss
                 mark("backward")
                 if self.plan.max_grad_norm > 0:  # as fourbit train does
                     torch.nn.utils.clip_grad_norm_(self.params, self.plan.max_grad_norm)
                 self.opt.step()
                 mark("optimizer step")
+                if self.plan.grad_accum == 1:
+                    self.opt.zero_grad(set_to_none=True)
         finally:
             hook.remove()
+            self._tracker = None
         return marks
 
 

@@ -16,8 +16,10 @@ block (2.03 bytes per parameter instead of 8). Every step dequantizes, updates i
 quantizes again. Tensors under `min_8bit_size` elements keep 32-bit states, as bitsandbytes does.
 
 Paging: on CUDA, states of parameters with >= `page_threshold` elements live in managed memory
-(fourbit.optim.paged) and are prefetched to the GPU right before their update. Elsewhere (CPU
-parameters, small tensors) states are ordinary tensors, so the same classes run everywhere.
+(fourbit.optim.paged) and are prefetched to the GPU right before their update when memory
+pressure since the last step may have evicted them (`prefetch="auto"`, see fourbit.optim.paged,
+Note: Prefetch only after pressure), or before every update (`prefetch="always"`). Elsewhere
+(CPU parameters, small tensors) states are ordinary tensors, so the same classes run everywhere.
 `state_dict()` is torch's format with plain tensors, and `load_state_dict` checks that the state
 came from the same kind of optimizer and fits the parameters' shapes.
 """
@@ -35,6 +37,7 @@ from fourbit.quant import dequantize_blockwise_8bit, get_dynamic_map, quantize_b
 BLOCK = 256
 
 
+PREFETCH = ("auto", "always")  # when paged states are prefetched: after possible eviction, or every step
 _FOREACH_ELEMENTS = 1 << 25  # parameters per multi-tensor update: its temporaries stay <= 128 MB (fp32)
 
 
@@ -59,14 +62,32 @@ class _AdamW(Optimizer):
     paged = False
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, min_8bit_size: int = 4096, page_threshold: int = 100_000):
+                 weight_decay: float = 1e-2, min_8bit_size: int = 4096, page_threshold: int = 100_000,
+                 prefetch: str = "auto"):
         _check_hparams(lr, betas, eps, weight_decay)
+        if prefetch not in PREFETCH:
+            raise ValueError(f"prefetch must be one of {', '.join(PREFETCH)}, got {prefetch!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.min_8bit_size, self.page_threshold = min_8bit_size, page_threshold
+        self.min_8bit_size, self.page_threshold, self.prefetch = min_8bit_size, page_threshold, prefetch
+        self._watches: dict[torch.device, object] = {}  # device -> fourbit.optim.paged.EvictionWatch
 
     # -- state ----------------------------------------------------------------------------------
     def _is_paged(self, p: torch.Tensor) -> bool:
         return self.paged and p.device.type == "cuda" and p.numel() >= self.page_threshold
+
+    def _eviction_watch(self, device: torch.device):
+        from fourbit.optim.paged import EvictionWatch
+
+        return EvictionWatch(device)
+
+    def _needs_prefetch(self, device: torch.device, checked: dict) -> bool:
+        """Once per step and device: whether this step prefetches its paged states."""
+        if device not in checked:
+            if device not in self._watches:
+                self._watches[device] = self._eviction_watch(device)
+            evicted = self._watches[device].may_have_evicted()  # keeps its own count up to date
+            checked[device] = self.prefetch == "always" or evicted
+        return checked[device]
 
     def _empty(self, p: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if self._is_paged(p):
@@ -102,6 +123,7 @@ class _AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        checked: dict[torch.device, bool] = {}  # device -> prefetch this step
         for group in self.param_groups:
             batch = []  # 32-bit fp32 parameters: updated together with multi-tensor (foreach) kernels
             for param in group["params"]:
@@ -113,12 +135,12 @@ class _AdamW(Optimizer):
                 st = self.state[param]
                 if not st:
                     st.update(self._init_state(p))
-                if self._is_paged(p):
-                    from fourbit.optim.paged import prefetch
+                if self._is_paged(p) and self._needs_prefetch(p.device, checked):
+                    from fourbit.optim import paged
 
-                    for t in st.values():
-                        if t.device.type == "cuda":
-                            prefetch(t, p.device)
+                    for k, t in st.items():
+                        if k != "step":  # the step count lives on the CPU
+                            paged.prefetch(t, p.device)
                 if "exp_avg" in st and p.dtype == torch.float32 and g.dtype == torch.float32:
                     batch.append((p, g, st))
                 else:

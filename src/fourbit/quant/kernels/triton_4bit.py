@@ -4,6 +4,7 @@ quantization, and a fused 4-bit matrix-vector product for batch-1 generation.
     dequantize_4bit(packed, state, dtype, out)      -> W of state.shape     bit-identical to the reference
     quantize_4bit(x, quant_type, blocksize, rounding) -> (packed, absmax)   bit-identical to the reference
     gemv_4bit(x, packed, state)                     -> x @ W^T              float32 accumulation
+    gemv_4bit_split(x, packed, state, split_k=4)    -> x @ W^T              the same, K split over programs
 
 `fourbit.quant.blockwise` dispatches CUDA tensors here when `available()`; the pure-torch
 reference there (`_quant4_reference`, `_dequant4_reference`) is what every kernel must match.
@@ -190,6 +191,55 @@ if triton is not None:
             acc += tl.sum(tl.sum(part, axis=2) * s, axis=1)
         tl.store(y_ptr + rows, _round(acc, OUT, INTERP), mask=rows < N)
 
+    @triton.jit
+    def _gemv_split_kernel(x_ptr, packed_ptr, absmax_ptr, pairs_ptr, y_ptr, part_ptr, count_ptr, N, K, q8_ptr,
+                           code2_ptr, offset, BLOCKSIZE: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr,
+                           OUT: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                           INTERP: tl.constexpr):
+        """_gemv_kernel with each row's K split over SPLIT_K programs (grid: row tiles x SPLIT_K), so
+        that a 4096-row weight keeps every SM busy with several loads in flight. Each program writes
+        its float32 partial sums to `part` (SPLIT_K, N); the last program of a row tile to finish
+        (counted with an atomic in `count`, which it resets to 0 for the next call) adds the
+        partials in split order, so the result does not depend on which program ran when."""
+        BB: tl.constexpr = BLOCKSIZE // 2
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+        g = tl.arange(0, GROUPS)
+        j = tl.arange(0, BB)
+        half = K // 2  # bytes per row
+        nblk_row = K // BLOCKSIZE
+        per = tl.cdiv(tl.cdiv(nblk_row, SPLIT_K), GROUPS) * GROUPS  # blocks of a row per program
+        start = pid_k * per
+        stop = tl.minimum(start + per, nblk_row)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for b0 in range(start, stop, GROUPS):
+            gb = b0 + g  # (G,) block index within the row
+            gm = (rows[:, None] < N) & (gb[None, :] < stop)  # (BN, G)
+            blk = rows[:, None] * nblk_row + gb[None, :]  # (BN, G) global block index
+            s = _block_scale(absmax_ptr, blk, q8_ptr, code2_ptr, offset, NESTED_BS, DQ, gm)  # (BN, G)
+            col = gb[:, None] * BB + j[None, :]  # (G, BB) byte column within the row
+            byte = tl.load(packed_ptr + rows[:, None, None] * half + col[None, :, :], mask=gm[:, :, None],
+                           other=0)  # (BN, G, BB)
+            hi, lo = _unpair(tl.load(pairs_ptr + byte.to(tl.int32)))
+            xm = (gb < stop)[:, None, None]
+            x2 = tl.load(x_ptr + 2 * col[:, :, None] + tl.arange(0, 2)[None, None, :], mask=xm, other=0.0)
+            xe, xo = tl.split(x2.to(tl.float32))  # (G, BB): x at the high / low nibble of each byte
+            part = hi * xe[None] + lo * xo[None]
+            acc += tl.sum(tl.sum(part, axis=2) * s, axis=1)
+        if SPLIT_K == 1:
+            tl.store(y_ptr + rows, _round(acc, OUT, INTERP), mask=rows < N)
+        else:
+            tl.store(part_ptr + pid_k * N + rows, acc, mask=rows < N)
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT_K - 1:  # the last one here: the other partials are visible (acquire)
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for k in tl.static_range(SPLIT_K):  # L2 loads (.cg): no stale L1 lines
+                    total += tl.load(part_ptr + k * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + rows, _round(total, OUT, INTERP), mask=rows < N)
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
 
 # -- pair tables (see Note: Pair table) ------------------------------------------------------------
 _PAIRS_BY_CODE: dict[int, tuple] = {}  # id(code) -> (weakref(code), code._version, table)
@@ -259,23 +309,68 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int, rounding: st
     return packed, absmax
 
 
+def _gemv_check(x: torch.Tensor, packed: torch.Tensor, state):
+    """(x contiguous, packed as uint8), or None when K is not a multiple of the blocksize."""
+    n_out, k = state.shape
+    if k % state.blocksize:
+        return None
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv_4bit: x has shape {list(x.shape)}, expected one row of {k} (W is {n_out}x{k})")
+    return (x if x.is_contiguous() else x.contiguous()), (packed if packed.dtype == torch.uint8
+                                                           else packed.view(torch.uint8))
+
+
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 8, groups: int = 8,
               num_warps: int = 4) -> torch.Tensor | None:
     """x (K,) or (1, K) or (1, 1, K) @ W^T for W = dequant(packed, state) of shape (N, K); returns
     x's shape with K replaced by N, in x's dtype. None when K is not a multiple of the blocksize
     (rows would not start on a block): the caller dequantizes instead. Sums per block first, then
     scales: equal to the dequantized product up to float32 summation order."""
-    n_out, k = state.shape
-    if k % state.blocksize:
+    checked = _gemv_check(x, packed, state)
+    if checked is None:
         return None
-    if x.shape[-1] != k or x.numel() != k:
-        raise ValueError(f"gemv_4bit: x has shape {list(x.shape)}, expected one row of {k} (W is {n_out}x{k})")
-    x = x if x.is_contiguous() else x.contiguous()
-    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    x, packed = checked
+    n_out, k = state.shape
     y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
     absmax, q8, code2, offset, nbs, dq = _dq_args(state)
     _gemv_kernel[(-(-n_out // block_n),)](
         x, packed, absmax, pair_table(state.code), y, n_out, k, q8, code2, offset, BLOCKSIZE=state.blocksize,
         NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups, INTERP=_INTERP,
         enable_fp_fusion=True, num_warps=num_warps)
+    return y
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}  # per device: int32 arrival counts of gemv_4bit_split, kept at 0
+
+
+def _counts(n: int, device: torch.device) -> torch.Tensor:
+    """At least n zeroed int32 counters on `device` (each call leaves them at 0 again). One set per
+    device: concurrent calls on two streams of one device would share it, so keep to one stream."""
+    c = _COUNTS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
+
+
+def gemv_4bit_split(x: torch.Tensor, packed: torch.Tensor, state, block_n: int = 4, groups: int = 8,
+                    split_k: int = 4, num_warps: int = 4) -> torch.Tensor | None:
+    """gemv_4bit with each row's K split over `split_k` programs (one launch; see _gemv_split_kernel):
+    N / block_n x split_k programs instead of N / block_n, each with block_n x groups x blocksize / 2
+    bytes per loop step. split_k=1 is the plain tiled kernel with these tile sizes. Same result as
+    gemv_4bit up to float32 summation order, and the same for every run (fixed order)."""
+    checked = _gemv_check(x, packed, state)
+    if checked is None:
+        return None
+    x, packed = checked
+    n_out, k = state.shape
+    split_k = max(1, min(split_k, k // state.blocksize))
+    y = torch.empty((*x.shape[:-1], n_out), dtype=x.dtype, device=x.device)
+    tiles = -(-n_out // block_n)
+    part = torch.empty((split_k, n_out) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
+    count = _counts(tiles, x.device) if split_k > 1 else part
+    absmax, q8, code2, offset, nbs, dq = _dq_args(state)
+    _gemv_split_kernel[(tiles, split_k)](
+        x, packed, absmax, pair_table(state.code), y, part, count, n_out, k, q8, code2, offset,
+        BLOCKSIZE=state.blocksize, NESTED_BS=nbs, DQ=dq, OUT=_OUT[x.dtype], BLOCK_N=block_n, GROUPS=groups,
+        SPLIT_K=split_k, INTERP=_INTERP, enable_fp_fusion=True, num_warps=num_warps)
     return y
