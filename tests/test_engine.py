@@ -275,3 +275,28 @@ def test_smollm2_alone_batched_and_transformers(smollm2_dir):
     alone = [engine.generate([p], max_new_tokens=8)[0] for p in prompts]
     assert engine.generate(prompts, max_new_tokens=8) == alone
     assert alone[1] == _hf_greedy(model, prompts[1], 8)
+
+
+def test_generate_and_chat_answer_through_the_engine(tiny_chat_dir, tmp_path, monkeypatch):
+    """generate_batch (fourbit generate, eval, judge --judge model, the demo's score) runs on the
+    engine on a CPU, batched answers equal batch-1 answers, and the model's training mode survives."""
+    from fourbit import engine as E
+    from fourbit.generate import Sampling, generate_batch, use_engine, write_answers
+
+    model, tok = load_model(tiny_chat_dir, quant="nf4", device="cpu")
+    add_lora(model, r=4, alpha=8, dropout=0.1, verbose=False)
+    assert use_engine(model)
+    built = []
+    real = E.Engine.__init__
+    monkeypatch.setattr(E.Engine, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    prompts = ["Hello there", "What is the capital of France?", "1 2 3", "A much longer prompt " * 5]
+    model.train()
+    one = [generate_batch(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert generate_batch(model, tok, prompts, max_new_tokens=6, batch_size=4) == one
+    assert model.training and len(built) == 5
+    model.eval()
+    write_answers(model, tok, list(zip("abcd", prompts)), tmp_path / "answers.jsonl", "m", Sampling(6), batch_size=3)
+    assert len(built) == 6  # one engine for the whole file
+    import json
+    rows = [json.loads(x) for x in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [a.strip() for a in one]

@@ -45,19 +45,33 @@ class Sampling:
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8,
                    device: torch.device | str | None = None, chat_template: bool = True, temperature: float = 0.0,
-                   top_p: float = 1.0) -> list[str]:
-    """Answers to `prompts` (new text only). chat_template=False: prompts are already rendered."""
+                   top_p: float = 1.0, engine=None) -> list[str]:
+    """Answers to `prompts` (new text only). chat_template=False: prompts are already rendered.
+
+    Where fourbit's own decode loop runs the model (a CPU, a Llama/Mistral/Qwen2 layout, not
+    sharded: `use_engine`), the answers come from fourbit.engine, whose greedy answers do not depend
+    on the batch; elsewhere from transformers' `generate` on left-padded batches. `engine`: one
+    built on `model` to reuse across calls."""
     device = torch.device(device or next(model.parameters()).device)
+    texts = [render(tokenizer, p) if chat_template else p for p in prompts]
+    was_training = model.training
+    if engine is not None or use_engine(model, device):
+        from fourbit.engine import generate_texts
+
+        try:
+            return generate_texts(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  temperature=temperature, top_p=top_p, engine=engine)
+        finally:
+            model.train(was_training)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
-    was_training = model.training
     model.eval()
     answers = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = [render(tokenizer, p) if chat_template else p for p in prompts[i:i + batch_size]]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
             kw = Sampling(max_new_tokens, temperature, top_p).generate_kwargs()
             out = model.generate(**enc, **kw, pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -65,6 +79,19 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 2
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+def use_engine(model, device: torch.device | str | None = None) -> bool:
+    """Whether fourbit.engine's decode loop serves this model here: on a CPU (its 4-bit kernels are
+    the C ones; on a GPU transformers' generate with the fused 1-token kernel is the measured path),
+    for the layouts fourbit.decoder implements, and not on a model sharded across processes (each
+    rank holds a slice of every weight)."""
+    from fourbit.decoder import unsupported_reason
+
+    device = torch.device(device or next(model.parameters()).device)
+    if device.type != "cpu" or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return False
+    return unsupported_reason(model) is None
 
 
 def render(tokenizer, prompt: str | list[dict]) -> str:
@@ -126,13 +153,23 @@ def write_answers(model, tokenizer, prompts: list[tuple[str, str]], path: str | 
     prepare_answers(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existed = out.exists()
+    engine = None
+    if prompts and use_engine(model):  # one engine (KV cache, screened lm_head) for every batch
+        from fourbit.engine import Engine
+
+        rendered = [render(tokenizer, t) for _, t in prompts]
+        longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in rendered)
+        limit = getattr(model.config, "max_position_embeddings", None) or longest + sampling.max_new_tokens
+        engine = Engine(model, tokenizer, max_batch=min(batch_size, len(prompts)),
+                        max_seq_len=min(limit, longest + sampling.max_new_tokens))
     try:
         with open(out, "a", encoding="utf-8") as f, \
                 tqdm(total=len(prompts), desc="generating", unit="prompt") as bar:
             for i in range(0, len(prompts), batch_size):
                 chunk = prompts[i:i + batch_size]
                 answers = generate_batch(model, tokenizer, [t for _, t in chunk], sampling.max_new_tokens,
-                                         batch_size, temperature=sampling.temperature, top_p=sampling.top_p)
+                                         batch_size, temperature=sampling.temperature, top_p=sampling.top_p,
+                                         engine=engine)
                 for (qid, text), ans in zip(chunk, answers):
                     f.write(json.dumps({"question_id": qid, "model_id": model_id, "prompt": text,
                                         "text": ans.strip()}, ensure_ascii=False) + "\n")
