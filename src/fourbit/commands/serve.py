@@ -148,17 +148,40 @@ def run(argv: list[str]) -> int:
         limits = Limits(max_new_tokens=a.max_new_tokens, context_length=context,
                         max_body_bytes=a.max_body_kb * 1024, max_pending=64 * a.max_batch)
         app, scheduler = build_app(model, tok, base, adapters=adapters, max_batch=a.max_batch, limits=limits,
-                                   api_key=api_key, adapter_dir=a.adapter_dir, arena=arena)
+                                   api_key=api_key, adapter_dir=a.adapter_dir, arena=arena, start=False)
         print(f"fourbit serve: {base} ({m.quant}) with adapters {list(adapters) or 'none'}; OpenAI API at "
               f"{url}/v1, chat at {url}/" + (f", arena at {url}/arena (judgments -> {a.judgments})" if arena else "")
               + ("; API key required" if api_key else ""), file=sys.stderr)
         server = uvicorn.Server(uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=5))
-        try:
-            server.run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it stopped on: the normal way to stop
-            pass
+        _serve_http_beside(server, sock, scheduler)
     finally:
         if scheduler is not None:
             scheduler.close()
         sock.close()
     return 0
+
+
+def _serve_http_beside(server, sock, scheduler) -> None:
+    """uvicorn on a second thread, the engine on this (the main) thread, until Ctrl-C, SIGTERM or
+    the HTTP server stops (see Note: The engine on the main thread in fourbit.serve.scheduler)."""
+    import signal
+    import threading
+
+    def http():
+        try:
+            server.run(sockets=[sock])  # off the main thread uvicorn installs no signal handlers
+        finally:
+            scheduler.close()  # the HTTP side is gone (stopped or failed): so is the engine loop
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    thread = threading.Thread(target=http, name="fourbit-http", daemon=True)
+    thread.start()
+    try:
+        scheduler.run_here()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True  # graceful: open streams end (the scheduler ended them), then exit
+        thread.join(10)

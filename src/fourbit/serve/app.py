@@ -389,8 +389,9 @@ def create_app(scheduler: Scheduler, tokenizer, base_name: str, *, limits: Limit
 
 def build_app(model, tokenizer, base_name: str, *, adapters: dict[str, str] | None = None, max_batch: int = 8,
               limits: Limits | None = None, api_key: str | None = None, adapter_dir: str | Path | None = None,
-              arena=None):
-    """(app, scheduler) for a loaded model: the engine with its adapters, its thread started, the app.
+              arena=None, start: bool = True):
+    """(app, scheduler) for a loaded model: the engine with its adapters, its thread started (start=False:
+    not started; the caller runs `scheduler.run_here()`), the app.
 
     What `fourbit serve` runs, and what tests and benchmarks build; call `scheduler.close()` when done.
     `limits.context_length` becomes the engine's max_seq_len, whose KV cache is allocated for
@@ -405,7 +406,7 @@ def build_app(model, tokenizer, base_name: str, *, adapters: dict[str, str] | No
     unknown = [s for s in (arena.live if arena else []) if s not in served]
     if unknown:
         raise UserError(f"--arena live:{unknown[0]}: no served model of that name; served: {sorted(served)}")
-    scheduler = Scheduler(engine).start()
+    scheduler = Scheduler(engine).start() if start else Scheduler(engine)
     app = create_app(scheduler, tokenizer, base_name, limits=limits, api_key=api_key, adapter_dir=adapter_dir,
                      adapters=list(adapters or {}), stop_token_ids=stop_token_ids(model, tokenizer), arena=arena)
     return app, scheduler
