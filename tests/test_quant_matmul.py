@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from fourbit.quant import dequantize_4bit, matmul_4bit, matmul_4bit_reference, quantize_4bit
 from fourbit.quant.kernels import cpu
@@ -119,7 +120,7 @@ def test_build_without_openmp_gives_the_same_result(tmp_path):
     gets): same bits, the rows split over Python threads."""
     packed, state = _weight(64, 128, "nf4", 64, True)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3))
-    torch.save({"x": x, "y": matmul_4bit(x, packed, state)}, tmp_path / "ref.pt")
+    save_file({"x": x, "y": matmul_4bit(x, packed, state)}, tmp_path / "ref.safetensors")
     code = textwrap.dedent(f"""
         import torch
         from fourbit.quant import quantize_4bit, matmul_4bit
@@ -127,7 +128,8 @@ def test_build_without_openmp_gives_the_same_result(tmp_path):
         torch.manual_seed(0)
         w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05
         packed, state = quantize_4bit(w, "nf4", 64, True)
-        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        from safetensors.torch import load_file
+        ref = load_file({str(tmp_path / "ref.safetensors")!r})
         assert not cpu._features()[0], "built with OpenMP despite FOURBIT_NO_OPENMP"
         torch.set_num_threads(2)
         cpu._MIN_PY_SPLIT = 0
