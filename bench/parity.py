@@ -106,8 +106,10 @@ class Settings:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
-# Sized on this project's 2-core CPU (see bench/RESULTS.md): 7 rows x 2 data sets x 3 seeds.
-DEFAULT = Settings()
+# Sized on this project's 2-core CPU (see bench/RESULTS.md): 7 rows x 2 data sets x 3 seeds in about
+# an hour. The dataclass defaults (32 steps of 8 sequences, 192-token targets, every held-out row)
+# took over 17 minutes for one full fine-tuning run there: ~8 hours in all.
+DEFAULT = Settings(steps=16, grad_accum=2, target_max_len=128, heldout_max=64, wikitext_chars=10_000)
 QUICK = Settings(steps=2, batch_size=2, grad_accum=2, source_max_len=32, target_max_len=64, heldout_max=8,
                  wikitext_chars=3000, seeds=(0,))
 # The paper's setting (QLoRA §5 / Guanaco): 1 epoch, batch 16 (4 x 4 accumulation), 512-token
