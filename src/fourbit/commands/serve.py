@@ -176,12 +176,15 @@ def _serve_http_beside(server, sock, scheduler) -> None:
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # both, as uvicorn does on the main thread: a SIGINT ignored by the parent (a background job)
+    # must still stop the server
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="fourbit-http", daemon=True)
     thread.start()
     try:
         scheduler.run_here()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.should_exit = True  # graceful: open streams end (the scheduler ended them), then exit
         thread.join(10)

@@ -224,6 +224,13 @@ def _quantize_safetensors(src: Path, out: Path, a: QuantizeArgs, dtype, report: 
             check_finite(key, t, src)
             tensors[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
         del t
+    if tied:  # one matrix under either name will do (fourbit's GGUF conversion keeps lm_head's)
+        inp = skeleton.get_input_embeddings()
+        emb = next((f"{n}.weight" for n, m in skeleton.named_modules() if m is inp), None)
+        held = [k for k in tensors if rename(k).endswith("lm_head.weight")]
+        if emb is not None and emb not in seen and held:
+            tensors[emb] = tensors[held[0]]
+            seen.add(emb)
     missing = sorted(set(expected) - seen - optional)
     if missing:
         raise UserError(f"{src}: the checkpoint lacks {len(missing)} tensor(s) its config.json's architecture "
